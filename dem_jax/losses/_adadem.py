@@ -1,0 +1,257 @@
+"""AdaDEM: the normalised CADF reward plus the marginal entropy calibrator (MEC).
+
+Algorithm 1 of the paper, per batch of logits `Z` (N x C), `p = softmax(Z)`,
+`yhat = argmax p`:
+
+1. MEC update, *before* the loss, without gradient: for every class k present
+   in `yhat`, `M[k] <- (1 - pi) M[k] + pi * mean(p[yhat == k])` (pi = momentum);
+   rows of absent classes stay unchanged. The mean runs over the *global* batch
+   (all devices when `axis_name` is given).
+2. `T = -sum_i p_i z_i`, `delta = || p * (z + T + 1) ||_1`, the L1 norm of the
+   CADF reward (>= 1, since that reward sums to 1), held constant.
+3. `dL/dz_i = (-p_i (z_i + T + 1) + m_i) / delta`, `m = M[yhat]` held constant.
+   A value with exactly this gradient is `L = (T + m . z) / delta`.
+
+Variants: AdaDEM-Norm (`calibrator="gmc"`: `m = sg(p)`, value `H / delta`),
+AdaDEM-MEC (`norm=None`: `delta = 1`), AdaDEM-V (`delta_from="entropy"`:
+`delta = || p * (z - E_p[z]) ||`), and L2 / Linf norms instead of L1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dem_jax.losses import _common
+
+NORMS = ("l1", "l2", "linf", None)
+CALIBRATORS = ("mec", "gmc")
+DELTA_FROM = ("cadf", "entropy")
+
+# Floor on delta. The L1 CADF norm is >= 1 and never reaches it; the
+# entropy-based delta of AdaDEM-V goes to 0 at uniform and one-hot predictions
+# (that is why AdaDEM-V collapses) and the floor only keeps it finite.
+DELTA_FLOOR = 1e-6
+
+
+def mec_init(num_classes: int, dtype=jnp.float32) -> jax.Array:
+  """The initial MEC state: every row the uniform prediction.
+
+  Args:
+    num_classes: C >= 2.
+    dtype: floating dtype of the state.
+
+  Returns:
+    `[C, C]` array filled with `1 / C`; row k is the running mean prediction
+    of examples pseudo-labelled k.
+
+  Example:
+    >>> mec = losses.mec_init(10)   # (10, 10) of 0.1
+  """
+  if not isinstance(num_classes, int) or num_classes < 2:
+    raise ValueError(f"mec_init: num_classes must be an int >= 2, got {num_classes!r}.")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"mec_init: dtype must be floating, got {dtype}.")
+  return jnp.full((num_classes, num_classes), 1.0 / num_classes, dtype)
+
+
+def _check_momentum(momentum, fn):
+  momentum = _common.check_scalar(momentum, "momentum", fn)
+  value = _common.concrete_value(momentum)
+  if value is not None and not 0.0 < value <= 1.0:
+    raise ValueError(
+        f"{fn}: momentum must be in (0, 1], got {value}. The paper uses 0.1 "
+        "(0.01 for continual test-time adaptation).")
+  return momentum
+
+
+def _check_mec(mec, num_classes, fn):
+  if not hasattr(mec, "shape") or tuple(mec.shape) != (num_classes, num_classes):
+    shape = tuple(mec.shape) if hasattr(mec, "shape") else type(mec).__name__
+    raise ValueError(
+        f"{fn}: the MEC state must have shape (C, C) = ({num_classes}, "
+        f"{num_classes}) for logits with {num_classes} classes, got {shape}. "
+        f"Create it with losses.mec_init({num_classes}).")
+  if not jnp.issubdtype(mec.dtype, jnp.floating):
+    raise TypeError(f"{fn}: the MEC state must be floating, got {mec.dtype}.")
+
+
+def mec_update(mec, probs, pseudo_labels, *, momentum=0.1, where=None,
+               axis_name=None) -> jax.Array:
+  r"""One MEC update: per pseudo-class running mean of the predictions.
+
+  .. math::
+    M_k \leftarrow (1 - \pi) M_k + \pi \cdot \mathrm{mean}\{p_n : \hat y_n = k\}
+    \quad \text{for every } k \text{ present in the (global) batch.}
+
+  Vectorised with a segment sum (O(N C) work, no one-hot product). Absent
+  classes keep their row. No gradient flows into the state.
+
+  Args:
+    mec: `[C, C]` state.
+    probs: `[N, C]` predictions.
+    pseudo_labels: int `[N]` pseudo-labels in `[0, C)`.
+    momentum: pi in (0, 1].
+    where: optional bool `[N]`; False examples are ignored.
+    axis_name: reduce the per-class sums and counts over this named axis, so
+      that N devices give the result of one device on the global batch.
+
+  Returns:
+    The new `[C, C]` state, dtype of `mec`.
+
+  Example:
+    >>> mec = losses.mec_update(losses.mec_init(3), jax.nn.softmax(z), z.argmax(-1))
+  """
+  num_classes = mec.shape[0]
+  probs = lax.stop_gradient(probs.astype(jnp.float32))
+  weights = jnp.ones(probs.shape[:1], jnp.float32)
+  if where is not None:
+    weights = where.astype(jnp.float32)
+  sums = jax.ops.segment_sum(probs * weights[:, None], pseudo_labels,
+                             num_segments=num_classes)
+  counts = jax.ops.segment_sum(weights, pseudo_labels, num_segments=num_classes)
+  if axis_name is not None:
+    sums, counts = lax.psum((sums, counts), axis_name)
+  means = sums / jnp.maximum(counts, 1.0)[:, None]
+  old = lax.stop_gradient(mec).astype(jnp.float32)
+  new = jnp.where(counts[:, None] > 0, (1.0 - momentum) * old + momentum * means, old)
+  return new.astype(mec.dtype)
+
+
+def _norm(r, norm):
+  if norm is None:
+    return jnp.ones(r.shape[:-1], r.dtype)
+  if norm == "l1":
+    return jnp.sum(jnp.abs(r), axis=-1)
+  if norm == "l2":
+    return jnp.sqrt(jnp.sum(r * r, axis=-1))
+  return jnp.max(jnp.abs(r), axis=-1)
+
+
+def adadem_parts(z, m, *, norm, calibrator, delta_from):
+  """AdaDEM's value, gradient and delta for float32 `[..., C]` logits.
+
+  `m` is the `[..., C]` MEC row of each example (ignored for the GMC).
+  """
+  zc, live, _ = _common.centre(z)
+  p, lse = _common.softmax(zc, live)
+  mean = jnp.sum(p * zc, axis=-1)
+  dev = jnp.where(live, zc - mean[..., None], 0.0)
+  cadf_reward = p * (dev + 1.0)  # -dT/dz; sums to 1 over classes
+  delta = _norm(cadf_reward if delta_from == "cadf" else p * dev, norm)
+  delta = jnp.maximum(delta, DELTA_FLOOR)
+  if calibrator == "gmc":
+    numerator = lse - mean       # T + logsumexp(z) = H
+    c_grad = p
+  else:
+    # Masked classes are left out of the calibrator; the row is renormalised
+    # over the live classes so the gradient still sums to zero (shift
+    # invariance). m . z is computed on centred logits, exact because m sums to 1.
+    m = jnp.where(live, m, 0.0)
+    total = jnp.sum(m, axis=-1, keepdims=True)
+    m = jnp.where(total > 0, m / jnp.where(total > 0, total, 1.0),
+                  live / jnp.sum(live, axis=-1, keepdims=True))
+    numerator = jnp.sum(m * zc, axis=-1) - mean
+    c_grad = m
+  grad = (c_grad - cadf_reward) / delta[..., None]
+  return numerator / delta, grad, delta
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _adadem(z, m, norm, calibrator, delta_from):
+  return adadem_parts(z, m, norm=norm, calibrator=calibrator,
+                      delta_from=delta_from)[0]
+
+
+def _adadem_fwd(z, m, norm, calibrator, delta_from):
+  value, grad, _ = adadem_parts(z, m, norm=norm, calibrator=calibrator,
+                                delta_from=delta_from)
+  return value, (grad, m)
+
+
+def _adadem_bwd(norm, calibrator, delta_from, res, g):
+  del norm, calibrator, delta_from
+  grad, m = res
+  # delta and the MEC row are constants of the backward pass (Algorithm 1).
+  return g[..., None] * grad, jnp.zeros_like(m)
+
+
+_adadem.defvjp(_adadem_fwd, _adadem_bwd)
+
+
+def check_adadem_options(norm, calibrator, delta_from, fn="adadem"):
+  if norm not in NORMS:
+    raise ValueError(f"{fn}: norm must be one of {NORMS}, got {norm!r}.")
+  if calibrator not in CALIBRATORS:
+    raise ValueError(
+        f"{fn}: calibrator must be one of {CALIBRATORS}, got {calibrator!r}.")
+  if delta_from not in DELTA_FROM:
+    raise ValueError(
+        f"{fn}: delta_from must be one of {DELTA_FROM}, got {delta_from!r}.")
+
+
+def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
+           delta_from="cadf", axis: int = -1, where=None, axis_name=None):
+  r"""AdaDEM: the CADF reward normalised by its L1 norm, plus the MEC.
+
+  .. math::
+    L(z) = \frac{T(z) + m \cdot z}{\delta}, \quad
+    T(z) = -\sum_i p_i z_i, \quad
+    \delta = \sum_i |p_i (z_i + T + 1)|, \quad m = M_{\hat y},
+
+    \partial L / \partial z_i = \frac{-p_i (z_i + T + 1) + m_i}{\delta}
+    \quad (\delta, m \text{ held constant}).
+
+  The MEC state is updated first (see `mec_update`), from the global batch
+  when `axis_name` is given, and the loss uses the updated rows. The backward
+  pass adds the normalised CADF reward and the calibrator gradient; delta and
+  `m` get no gradient. Reverse mode only.
+
+  Modes: AdaDEM (defaults); AdaDEM-Norm `calibrator="gmc"` (value `H / delta`,
+  state returned unchanged); AdaDEM-MEC `norm=None` (`delta = 1`); AdaDEM-V
+  `delta_from="entropy"` (`delta = ||p (z - E_p z)||`, floored at 1e-6).
+
+  Args:
+    logits: float `[..., num_classes]` (class axis at `axis`); pixel-wise
+      `[B, H, W, C]` treats every pixel as an example (one MEC per model).
+    mec: `[C, C]` MEC state from `mec_init` (or the previous call).
+    momentum: pi in (0, 1]; 0.1 in the paper, 0.01 for continual TTA.
+    norm: "l1", "l2", "linf" or None.
+    calibrator: "mec" or "gmc".
+    delta_from: "cadf" or "entropy".
+    axis: the class axis.
+    where: optional bool mask over examples; masked examples give 0 loss and
+      0 gradient and are left out of the MEC update.
+    axis_name: named axis (pmap / shard_map) over which the MEC update is
+      reduced; None on one device.
+
+  Returns:
+    `(loss, new_mec)`: float32 `[...]` per-example loss and the `[C, C]` state.
+
+  Example:
+    >>> mec = losses.mec_init(10)
+    >>> def objective(params, mec, x):
+    ...   loss, mec = losses.adadem(model.apply(params, x), mec)
+    ...   return loss.mean(), mec
+    >>> grads, mec = jax.grad(objective, has_aux=True)(params, mec, x)
+  """
+  fn = "adadem"
+  check_adadem_options(norm, calibrator, delta_from, fn)
+  momentum = _check_momentum(momentum, fn)
+  z, mask = _common.to_examples(logits, axis, where, fn)
+  num_classes = z.shape[-1]
+  _check_mec(mec, num_classes, fn)
+  if calibrator == "gmc":
+    new_mec = mec
+    m = jnp.zeros((), jnp.float32)  # unused by the GMC
+  else:
+    flat = z.reshape(-1, num_classes)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    new_mec = mec_update(mec, jax.nn.softmax(flat, axis=-1), jnp.argmax(flat, -1),
+                         momentum=momentum, where=flat_mask, axis_name=axis_name)
+    m = new_mec.astype(jnp.float32)[jnp.argmax(z, axis=-1)]
+  value = _adadem(z, m, norm, calibrator, delta_from)
+  return _common.apply_mask(value, mask), new_mec

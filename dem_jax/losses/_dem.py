@@ -1,0 +1,277 @@
+"""Classical entropy minimisation and its decoupling: EM, CADF, GMC and DEM.
+
+For one example with logits `z` (C classes), `p = softmax(z)`:
+
+    H(z)       = -sum_i p_i log p_i          = T(z) + Q(z)
+    T_tau(z)   = -sum_i softmax(z / tau)_i z_i          (CADF)
+    Q_alpha(z) = alpha * logsumexp(z)                   (GMC)
+    DEM        = T_tau + Q_alpha                        (tau = alpha = 1 is EM)
+
+The gradients are written out (`jax.custom_vjp`) from their closed forms, with
+`q = softmax(z / tau)`:
+
+    dT_tau/dz_i   = -(q_i / tau) (z_i - E_q[z] + tau)
+    dQ_alpha/dz_i = alpha p_i
+
+The backward pass computes the CADF reward `-dT/dz` and the calibrator
+gradient separately and adds them. Reverse mode only: `jax.grad`, `jax.vjp`,
+`jax.jacrev` work; `jax.jvp`, `jax.jacfwd` and `jax.hessian` raise TypeError.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dem_jax.losses import _common
+
+# --------------------------------------------------------------------------
+# Closed forms on float32 [..., C] logits. Every value is computed from logits
+# centred on their maximum, so that logits of magnitude 1e4 lose no precision
+# and masked (-inf) classes contribute exactly 0.
+# --------------------------------------------------------------------------
+
+
+def cadf_parts(zc, live, tau):
+  """CADF of centred logits.
+
+  Returns:
+    t: [...] `-sum_i q_i zc_i` (T_tau of the centred logits; add `-max z`);
+    grad: [..., C] dT_tau/dz;
+    dtau: [...] dT_tau/dtau = Var_q[z] / tau^2.
+  """
+  q, _ = _common.softmax(zc, live, tau)
+  mean = jnp.sum(q * zc, axis=-1)
+  dev = jnp.where(live, zc - mean[..., None], 0.0)
+  grad = -(q / tau) * (dev + tau)
+  dtau = jnp.sum(q * dev * dev, axis=-1) / (tau * tau)
+  return -mean, grad, dtau
+
+
+def _decoupled_forward(z, tau, alpha, mode):
+  zc, live, zmax = _common.centre(z)
+  p, lse = _common.softmax(zc, live)
+  if mode == "entropy":
+    # q = p: one softmax; H = lse - E_p[zc], exact even for huge logits.
+    mean = jnp.sum(p * zc, axis=-1)
+    dev = jnp.where(live, zc - mean[..., None], 0.0)
+    value = lse - mean
+    grad = -p * dev  # the CADF reward -p(dev + 1) plus the GMC gradient p
+    return value, (grad, None, None)
+  q_lse = lse + zmax  # logsumexp(z) = Q_1(z)
+  if mode == "gmc":
+    return alpha * q_lse, (alpha * p, None, q_lse)
+  t, t_grad, t_dtau = cadf_parts(zc, live, tau)
+  if mode == "cadf":
+    return t - zmax, (t_grad, t_dtau, None)
+  # dem: the max terms of T_tau and Q_alpha are combined before adding, so that
+  # tau = alpha = 1 gives the entropy to the last bit rather than a difference
+  # of two numbers of the size of the logits.
+  value = t + alpha * lse + (alpha - 1.0) * zmax
+  return value, (t_grad + alpha * p, t_dtau, q_lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _decoupled(z, tau, alpha, mode):
+  return _decoupled_forward(z, tau, alpha, mode)[0]
+
+
+def _decoupled_fwd(z, tau, alpha, mode):
+  value, res = _decoupled_forward(z, tau, alpha, mode)
+  return value, res
+
+
+def _decoupled_bwd(mode, res, g):
+  grad, dtau, dalpha = res
+  dz = g[..., None] * grad
+  # Cotangents of tau and alpha, so that a traced (vmapped, differentiated)
+  # hyperparameter gets its true gradient rather than a silent zero.
+  gtau = jnp.zeros((), jnp.float32) if dtau is None else jnp.sum(g * dtau)
+  galpha = jnp.zeros((), jnp.float32) if dalpha is None else jnp.sum(g * dalpha)
+  return dz, gtau, galpha
+
+
+_decoupled.defvjp(_decoupled_fwd, _decoupled_bwd)
+
+
+def _run(logits, tau, alpha, mode, axis, where, fn):
+  z, mask = _common.to_examples(logits, axis, where, fn)
+  value = _decoupled(z, tau, alpha, mode)
+  return _common.apply_mask(value, mask)
+
+
+def _check_tau(tau, fn):
+  tau = _common.check_scalar(tau, "tau", fn)
+  value = _common.concrete_value(tau)
+  if value is not None and not value > 0:
+    raise ValueError(f"{fn}: tau must be > 0 (a temperature), got {value}.")
+  return tau
+
+
+def _check_alpha(alpha, fn):
+  alpha = _common.check_scalar(alpha, "alpha", fn)
+  value = _common.concrete_value(alpha)
+  if value is not None and not value >= 0:
+    raise ValueError(
+        f"{fn}: alpha must be >= 0 (the weight of GMC), got {value}.")
+  return alpha
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def entropy(logits, *, axis: int = -1, where=None) -> jax.Array:
+  r"""Shannon entropy of the softmax prediction: classical EM, per example.
+
+  .. math::
+    H(z) = -\sum_i p_i \log p_i, \quad p = \mathrm{softmax}(z),
+    \qquad \partial H / \partial z_i = -p_i (z_i - E_p[z]).
+
+  The backward pass adds the CADF gradient `-p_i (z_i - E_p[z] + 1)` and the
+  GMC gradient `p_i`. Reverse mode only (`jax.grad`, `jax.vjp`).
+
+  Args:
+    logits: float array `[..., num_classes, ...]`, class axis at `axis`; any
+      floating dtype (computed in float32, gradient returned in the input
+      dtype). `-inf` marks a masked class (probability 0, gradient 0).
+    axis: the class axis.
+    where: optional bool `[...]` (the output shape); False examples give 0
+      loss and 0 gradient.
+
+  Returns:
+    float32 `[...]`: the entropy of each example, in `[0, log C]`.
+
+  Example:
+    >>> from dem_jax import losses
+    >>> losses.entropy(jnp.array([[0.0, 0.0], [10.0, 0.0]]))
+    Array([6.9314718e-01, 4.9940younger...], dtype=float32)  # doctest: +SKIP
+  """
+  return _run(logits, 1.0, 1.0, "entropy", axis, where, "entropy")
+
+
+def cadf(logits, tau=1.0, *, axis: int = -1, where=None) -> jax.Array:
+  r"""CADF, the cluster aggregation driving factor, with temperature tau.
+
+  .. math::
+    T_\tau(z) = -\sum_i q_i z_i, \quad q = \mathrm{softmax}(z / \tau),
+    \qquad \partial T_\tau / \partial z_i = -\frac{q_i}{\tau}(z_i - E_q[z] + \tau).
+
+  Its reward `-dT/dz` favours the dominant class and tends to 1 on it as the
+  prediction becomes one-hot. Reverse mode only.
+
+  Args:
+    logits: float `[..., num_classes]` (class axis at `axis`).
+    tau: temperature > 0, a Python float or a traced scalar.
+    axis: the class axis.
+    where: optional bool mask over examples.
+
+  Returns:
+    float32 `[...]`: `T_tau` per example.
+
+  Example:
+    >>> losses.cadf(jnp.array([[2.0, 0.0, -1.0]]), tau=0.5)  # doctest: +SKIP
+  """
+  tau = _check_tau(tau, "cadf")
+  return _run(logits, tau, 0.0, "cadf", axis, where, "cadf")
+
+
+def gmc(logits, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
+  r"""GMC, the gradient mitigation calibrator, with weight alpha.
+
+  .. math::
+    Q_\alpha(z) = \alpha \log \sum_i e^{z_i},
+    \qquad \partial Q_\alpha / \partial z_i = \alpha p_i.
+
+  Its reward `-alpha p` penalises confident classes. Reverse mode only.
+
+  Args:
+    logits: float `[..., num_classes]` (class axis at `axis`).
+    alpha: weight >= 0, a Python float or a traced scalar.
+    axis: the class axis.
+    where: optional bool mask over examples.
+
+  Returns:
+    float32 `[...]`: `Q_alpha` per example.
+
+  Example:
+    >>> losses.gmc(jnp.zeros((1, 4)), alpha=0.5)  # 0.5 * log 4  # doctest: +SKIP
+    Array([0.6931472], dtype=float32)
+  """
+  alpha = _check_alpha(alpha, "gmc")
+  return _run(logits, 1.0, alpha, "gmc", axis, where, "gmc")
+
+
+def dem_valid(tau, alpha) -> bool | np.ndarray:
+  """Whether (tau, alpha) lies in the region of Prop. A.1.
+
+  The region is `0 < tau <= 2 / alpha` for `alpha > 0`, and `tau > 0` for
+  `alpha = 0` (CADF alone). Outside it the DEM loss is no longer locally
+  concave at the uniform prediction: `d2L/dz_i2 = -(C-1)/(C^2 tau) (2 - alpha tau)`
+  changes sign, and minimising it would push predictions *towards* uniform.
+
+  Args:
+    tau: temperature(s); a float or a NumPy array (broadcast with alpha).
+    alpha: GMC weight(s).
+
+  Returns:
+    A bool, or a bool array of the broadcast shape.
+
+  Example:
+    >>> dem_valid(1.3, 0.8), dem_valid(1.5, 1.5)
+    (True, False)
+  """
+  tau = np.asarray(tau, np.float64)
+  alpha = np.asarray(alpha, np.float64)
+  # The 1e-9 slack keeps grid points such as (2.0, 1.0) that sit on the
+  # boundary tau * alpha = 2 inside despite float rounding of 0.1 steps.
+  ok = (tau > 0) & (alpha >= 0) & (alpha * tau <= 2.0 + 1e-9)
+  return bool(ok) if ok.ndim == 0 else ok
+
+
+def dem(logits, tau=1.0, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
+  r"""Decoupled entropy minimisation: CADF at temperature tau plus alpha x GMC.
+
+  .. math::
+    L_{DEM}(z) = T_\tau(z) + Q_\alpha(z)
+               = -\sum_i \mathrm{softmax}(z/\tau)_i z_i + \alpha \log\sum_i e^{z_i},
+
+    \partial L / \partial z_i = -\frac{q_i}{\tau}(z_i - E_q[z] + \tau) + \alpha p_i.
+
+  `dem(z, 1, 1)` equals `entropy(z)` in value and gradient. The backward pass
+  computes the CADF and GMC gradients separately and adds them; tau and alpha
+  get their true gradients too (`dL/dtau = Var_q[z] / tau^2`,
+  `dL/dalpha = logsumexp(z)`). Reverse mode only. A (tau, alpha) outside
+  Prop. A.1's region (see `dem_valid`) gives a warning when both are known at
+  trace time.
+
+  Args:
+    logits: float `[..., num_classes]` (class axis at `axis`).
+    tau: temperature > 0: Python float or traced scalar (vmap a grid of them).
+    alpha: GMC weight >= 0: Python float or traced scalar.
+    axis: the class axis.
+    where: optional bool mask over examples.
+
+  Returns:
+    float32 `[...]`: the DEM loss per example.
+
+  Example:
+    >>> z = jnp.array([[3.0, 1.0, 0.0]])
+    >>> loss = jnp.mean(losses.dem(z, tau=1.3, alpha=0.8))
+    >>> grad = jax.grad(lambda z: jnp.mean(losses.dem(z, 1.3, 0.8)))(z)
+  """
+  tau = _check_tau(tau, "dem")
+  alpha = _check_alpha(alpha, "dem")
+  t, a = _common.concrete_value(tau), _common.concrete_value(alpha)
+  if t is not None and a is not None and not dem_valid(t, a):
+    warnings.warn(
+        f"dem: (tau={t:g}, alpha={a:g}) is outside Prop. A.1's region "
+        f"0 < tau <= 2/alpha (here 2/alpha = {2 / a:g}); the loss is not "
+        "concave at the uniform prediction and may drive predictions towards "
+        "uniform. See dem_jax.losses.dem_valid.", stacklevel=2)
+  return _run(logits, tau, alpha, "dem", axis, where, "dem")

@@ -1,0 +1,66 @@
+"""Per-class rewards (-dL/dz) of every loss, for diagnostics and plots."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dem_jax.losses import _adadem
+from dem_jax.losses import _common
+from dem_jax.losses import _dem
+
+
+def rewards(logits, *, tau=1.0, alpha=1.0, mec=None, axis: int = -1) -> dict[str, jax.Array]:
+  r"""The reward `-dL/dz` that each loss puts on each logit.
+
+  Computed from the same closed forms as the losses' backward passes:
+
+    cadf:   p_i (z_i - E_p[z] + 1)                       (CADF at tau = 1)
+    gmc:    -p_i
+    em:     p_i (z_i - E_p[z])                            (= cadf + gmc)
+    dem:    (q_i / tau)(z_i - E_q[z] + tau) - alpha p_i   (q = softmax(z / tau))
+    adadem: (p_i (z_i - E_p[z] + 1) - m_i) / delta        (m = mec[argmax z])
+
+  As the prediction becomes one-hot the EM reward collapses to 0 while the
+  CADF reward on the top class tends to 1; AdaDEM's stays bounded away from 0.
+
+  Args:
+    logits: float `[..., num_classes]` (class axis at `axis`).
+    tau, alpha: DEM's hyperparameters.
+    mec: `[C, C]` MEC state; None uses `mec_init(C)` (not updated here).
+    axis: the class axis.
+
+  Returns:
+    dict with float32 `cadf`, `gmc`, `em`, `dem`, `adadem` of the shape of
+    `logits`, and `delta` (AdaDEM's L1 norm) of the per-example shape.
+
+  Example:
+    >>> r = losses.rewards(jnp.array([[4.0, 0.0, 0.0]]))
+    >>> r["em"][0, 0], r["adadem"][0, 0]
+  """
+  fn = "rewards"
+  z, _ = _common.to_examples(logits, axis, None, fn)
+  num_classes = z.shape[-1]
+  tau = _dem._check_tau(tau, fn)
+  alpha = _dem._check_alpha(alpha, fn)
+  if mec is None:
+    mec = _adadem.mec_init(num_classes)
+  _adadem._check_mec(mec, num_classes, fn)
+  zc, live, _ = _common.centre(z)
+  p, _ = _common.softmax(zc, live)
+  _, cadf_grad, _ = _dem.cadf_parts(zc, live, 1.0)
+  _, dem_grad, _ = _dem.cadf_parts(zc, live, tau)
+  m = mec.astype(jnp.float32)[jnp.argmax(z, axis=-1)]
+  _, ada_grad, delta = _adadem.adadem_parts(z, m, norm="l1", calibrator="mec",
+                                             delta_from="cadf")
+  out = {
+      "cadf": -cadf_grad,
+      "gmc": -p,
+      "em": -(cadf_grad + p),
+      "dem": -(dem_grad + alpha * p),
+      "adadem": -ada_grad,
+  }
+  axis = _common.check_logits(logits, axis, fn)
+  out = {k: jnp.moveaxis(v, -1, axis) for k, v in out.items()}
+  out["delta"] = delta
+  return out
