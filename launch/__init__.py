@@ -1,0 +1,1 @@
+"""Launchers that run dem_jax experiments on Cloud TPU slices (tpu.py) and GPU hosts (gpu.sh)."""
