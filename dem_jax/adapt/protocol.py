@@ -1,0 +1,260 @@
+"""The test-time adaptation protocol: streams of corrupted batches, single-domain and
+continual settings, DEM*'s oracle search and the learning-rate sweep.
+
+* A *domain* is one corruption of the test set. Its *stream* for seed s is the
+  domain's examples in the order `default_rng([s, domain index]).permutation`,
+  cut into batches (the seed changes the batch order, nothing else).
+* Single-domain: model, optimiser state and MEC reset before each domain.
+  Continual: one pass over the domains in the paper's order, no reset.
+* DEM* chooses (tau, alpha) per domain on a fixed labelled 20% of it and is
+  scored on the other 80% (`labelled_split`).
+* Every stream runs as one compiled `lax.scan` per device; a grid of
+  hyperparameters (learning rates, DEM*'s (tau, alpha)) is a leading axis of
+  the state, vmapped, so the whole grid is one program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dem_jax import losses
+from dem_jax.adapt import methods
+from dem_jax.engine import checkpoint as ckpt_lib
+from dem_jax.engine import parallel
+from dem_jax.engine import reporting
+
+SETTINGS = ("single", "continual")
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    name: str
+    images: np.ndarray   # [N, H, W, C]
+    labels: np.ndarray   # [N]
+
+
+def stream(domain: Domain, index: int, seed: int,
+           batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batches `[num_batches, batch_size, ...]` of a domain for one seed.
+
+    A remainder that does not fill a batch is left out; results report how
+    many examples were used.
+    """
+    order = np.random.default_rng([seed, index]).permutation(len(domain.labels))
+    num_batches = len(order) // batch_size
+    idx = order[:num_batches * batch_size].reshape(num_batches, batch_size)
+    return domain.images[idx], domain.labels[idx]
+
+
+def labelled_split(domain: Domain, index: int, fraction: float, batch_size: int,
+                   *, split_seed: int = 12345) -> tuple[Domain, Domain]:
+    """DEM*'s split of a domain: a labelled `fraction` and the rest.
+
+    The split is fixed (it does not depend on the run's seed), so DEM*'s search
+    runs once per domain and every seed is scored on the same, disjoint rest.
+    The labelled part is rounded to whole batches (at least one).
+    """
+    n = len(domain.labels)
+    k = min(n - batch_size, max(batch_size, int(round(fraction * n / batch_size)) * batch_size))
+    if k <= 0 or n - k < batch_size:
+        raise ValueError(f"Domain {domain.name} has {n} examples: too few for DEM*'s split "
+                         f"into whole batches of {batch_size}. Lower the batch size.")
+    order = np.random.default_rng([split_seed, index]).permutation(n)
+    part = lambda idx: Domain(domain.name, domain.images[np.sort(idx)],
+                              domain.labels[np.sort(idx)])
+    return part(order[:k]), part(order[k:])
+
+
+class Runner:
+    """Runs adaptation streams for one (method, loss) on all local devices."""
+
+    def __init__(self, model, cfg: methods.AdaptConfig, num_classes: int, *,
+                 backend: str = "pmap", grid: bool = False, devices=None):
+        self.n_dev = parallel.num_devices(devices)
+        self.cfg = cfg
+        self.grid = grid
+        step = methods.make_adapt_step(model, cfg, num_classes)
+        self._run = parallel.data_parallel(methods.make_stream_fn(step, grid=grid),
+                                           backend=backend, devices=devices)
+
+    def __call__(self, state, images: np.ndarray, labels: np.ndarray):
+        """Adapts along `[num_batches, batch, ...]`; returns (state, per-batch metrics).
+
+        The state is un-replicated (host side). Metrics: `correct`/`count` per
+        batch (`[num_batches]`, or `[grid, num_batches]`), `preds` per example.
+        """
+        n = self.n_dev
+        if images.shape[1] % n:
+            raise ValueError(
+                f"The adaptation batch size {images.shape[1]} is not divisible by the {n} "
+                f"devices. Test-time adaptation does not pad (padding would corrupt "
+                f"batch statistics): use a batch size that is a multiple of {n}.")
+        per = lambda x: np.moveaxis(x.reshape(x.shape[0], n, -1, *x.shape[2:]), 1, 0)
+        rep = parallel.replicate(state, n)
+        rep, metrics = self._run(rep, per(images), per(labels))
+        state = parallel.unreplicate(rep)
+        # scan stacks batches first: [dev, nb, (grid,) ...] -> [(grid,) nb, ...]
+        out = {k: np.asarray(metrics[k][0]) for k in ("correct", "count", "loss", "selected")}
+        preds = np.moveaxis(np.asarray(metrics["preds"]), 0, -2)  # [nb, (grid,) dev, b/dev]
+        out["preds"] = preds.reshape(*preds.shape[:-2], -1)
+        if self.grid:
+            out = {k: np.swapaxes(v, 0, 1) for k, v in out.items()}
+        return state, out
+
+
+def accuracy(metrics) -> np.ndarray:
+    """Online accuracy over a stream (per grid point if there is a grid axis)."""
+    return metrics["correct"].sum(-1) / metrics["count"].sum(-1)
+
+
+def stack_states(states: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *x: jnp.stack(x), *states)
+
+
+def run_domains(runner: Runner, make_state: Callable[[], Any], domains: Sequence[Domain], *,
+                setting: str, seed: int, batch_size: int, ckpt_dir: str | None = None,
+                hyper_per_domain: Sequence[dict] | None = None, desc: str = "") -> dict:
+    """One unit of the protocol: a (method, loss, seed) over every domain.
+
+    Args:
+      runner: the compiled stream runner.
+      make_state: returns a fresh state at the source model.
+      domains: in the order they arrive (continual) or are reset for (single).
+      setting: "single" (reset per domain) or "continual" (no reset).
+      ckpt_dir: where progress is checkpointed after every domain (orbax): a
+        restarted unit continues after the last finished domain.
+      hyper_per_domain: optional {"tau": .., "alpha": ..} per domain (DEM*).
+
+    Returns:
+      {"accuracy": {domain: acc}, "num_examples": {domain: n}, "pred_counts": [C]}.
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}.")
+    state = make_state()
+    result = {"accuracy": {}, "num_examples": {}, "pred_counts": None}
+    # Single-domain units restart from the source model at every domain, so
+    # their progress is just the finished domains' results (a small JSON);
+    # continual units also need the adapted state (an orbax checkpoint).
+    progress_json = os.path.join(ckpt_dir, "progress.json") if ckpt_dir else None
+    ckpt = (ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=1)
+            if ckpt_dir and setting == "continual" else None)
+    first = 0
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state, result = ckpt.restore(state)
+        first = ckpt.latest_step() + 1
+    elif ckpt is None and progress_json and os.path.exists(progress_json):
+        result = reporting.read_json(progress_json)
+        first = len(result["accuracy"])
+    for i in reporting.progress(range(first, len(domains)), desc=desc, total=len(domains),
+                                initial=first):
+        domain = domains[i]
+        if setting == "single":
+            state = make_state()
+        if hyper_per_domain is not None:
+            h = hyper_per_domain[i]
+            state = state.replace(hyper=state.hyper._replace(
+                tau=jnp.float32(h["tau"]), alpha=jnp.float32(h["alpha"])))
+        images, labels = stream(domain, i, seed, batch_size)
+        state, metrics = runner(state, images, labels)
+        result["accuracy"][domain.name] = float(accuracy(metrics))
+        result["num_examples"][domain.name] = int(metrics["count"].sum())
+        counts = np.bincount(metrics["preds"].reshape(-1),
+                             minlength=state.mec.shape[0]).tolist()
+        prev = result["pred_counts"]
+        result["pred_counts"] = counts if prev is None else [a + b for a, b in zip(prev, counts)]
+        if ckpt is not None:
+            ckpt.save(i, state, result)
+        elif progress_json:
+            reporting.write_json(progress_json, result)
+    if ckpt is not None:
+        ckpt.close()
+    return result
+
+
+def dem_grid(tau_step: float = 0.1, alpha_step: float = 0.1, tau_max: float = 2.0,
+             alpha_max: float = 2.0) -> np.ndarray:
+    """DEM*'s grid: tau in {step, .., tau_max}, alpha in {0, .., alpha_max}, inside Prop. A.1.
+
+    Returns:
+      float32 `[G, 2]` (tau, alpha) pairs.
+    """
+    taus = np.round(np.arange(1, int(round(tau_max / tau_step)) + 1) * tau_step, 6)
+    alphas = np.round(np.arange(0, int(round(alpha_max / alpha_step)) + 1) * alpha_step, 6)
+    pairs = np.array([(t, a) for t in taus for a in alphas], np.float32)
+    keep = losses.dem_valid(pairs[:, 0].astype(np.float64), pairs[:, 1].astype(np.float64))
+    return pairs[keep]
+
+
+def grid_accuracy(runner: Runner, base_state, images, labels, *, field: str,
+                  values: np.ndarray, chunk: int) -> np.ndarray:
+    """Online accuracy of one stream for every grid point, `chunk` points per program.
+
+    `field` is "lr" (values [G]) or "tau_alpha" (values [G, 2]). Every chunk
+    has the same size (the last is padded by repeating a point) so the program
+    compiles once.
+    """
+    assert runner.grid, "grid_accuracy needs a Runner built with grid=True"
+    chunk = min(chunk, len(values))
+    out = []
+    for lo in range(0, len(values), chunk):
+        part = values[lo:lo + chunk]
+        pad = chunk - len(part)
+        vals = np.concatenate([part, np.repeat(part[-1:], pad, 0)]) if pad else part
+        states = []
+        for v in vals:
+            h = base_state.hyper
+            h = h._replace(lr=jnp.float32(v)) if field == "lr" else h._replace(
+                tau=jnp.float32(v[0]), alpha=jnp.float32(v[1]))
+            states.append(base_state.replace(hyper=h))
+        _, metrics = runner(stack_states(states), images, labels)
+        out.append(accuracy(metrics)[:len(part)])
+    return np.concatenate(out)
+
+
+def lr_sweep(runner: Runner, make_state, domains: Sequence[Domain], lrs: np.ndarray, *,
+             seed: int, batch_size: int, chunk: int, desc: str = "") -> np.ndarray:
+    """Single-domain mean accuracy over `domains` for every learning rate `[len(lrs)]`."""
+    accs = []
+    for i in reporting.progress(range(len(domains)), desc=desc):
+        images, labels = stream(domains[i], i, seed, batch_size)
+        accs.append(grid_accuracy(runner, make_state(), images, labels, field="lr",
+                                  values=np.asarray(lrs, np.float32), chunk=chunk))
+    return np.mean(accs, axis=0)
+
+
+def dem_star_search(runner: Runner, make_state, labelled: Sequence[Domain], grid: np.ndarray,
+                    *, batch_size: int, chunk: int, desc: str = "") -> list[dict]:
+    """DEM*: per domain, the (tau, alpha) with the best online accuracy on its labelled split.
+
+    Ties (common on small splits) go to the point nearest EM's (1, 1), so a
+    flat search falls back to EM rather than to a corner of the grid.
+    """
+    chosen = []
+    for i in reporting.progress(range(len(labelled)), desc=desc):
+        images, labels = stream(labelled[i], i, 0, batch_size)
+        accs = grid_accuracy(runner, make_state(), images, labels, field="tau_alpha",
+                             values=grid, chunk=chunk)
+        best = np.flatnonzero(accs >= accs.max() - 1e-9)
+        best = best[np.argmin(np.abs(grid[best] - 1.0).sum(-1))]
+        chosen.append({"tau": float(grid[best, 0]), "alpha": float(grid[best, 1]),
+                       "search_accuracy": float(accs[best]),
+                       "labelled_examples": int(len(labelled[i].labels))})
+    return chosen
+
+
+def check_stream_sizes(domains: Sequence[Domain], batch_size: int) -> dict:
+    """Warns (once) how many examples per domain do not fill a last batch."""
+    left = {d.name: len(d.labels) % batch_size for d in domains}
+    if any(left.values()):
+        n = max(left.values())
+        warnings.warn(f"Adaptation batch size {batch_size} leaves up to {n} examples per "
+                      "domain out of each stream (a different set per seed); results "
+                      "report the number of examples used.", stacklevel=2)
+    return left

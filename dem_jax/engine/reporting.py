@@ -1,0 +1,78 @@
+"""Run bookkeeping: JSONL metrics, atomic JSON files, progress bars, process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import tqdm
+
+
+def is_writer() -> bool:
+    """Only process 0 writes logs and results (multi-host runs)."""
+    return jax.process_index() == 0
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return _jsonable(np.asarray(x).tolist())
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    return x
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `<workdir>/metrics.jsonl`."""
+
+    def __init__(self, workdir: str, name: str = "metrics.jsonl"):
+        self.path = os.path.join(workdir, name)
+        if is_writer():
+            os.makedirs(workdir, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        if not is_writer():
+            return
+        record = {"time": round(time.time(), 3), **_jsonable(record)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes JSON atomically (a crash never leaves a half-written file)."""
+    if not is_writer():
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_text(path: str, text: str) -> None:
+    if not is_writer():
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def progress(iterable: Iterable, *, desc: str, total: int | None = None, **kw):
+    """A tqdm progress bar on stderr, shown by process 0 only."""
+    return tqdm.tqdm(iterable, desc=desc, total=total, disable=not is_writer(),
+                     file=sys.stderr, dynamic_ncols=True, leave=False, **kw)

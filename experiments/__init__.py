@@ -1,0 +1,1 @@
+"""Experiments: each module is `python -m experiments.<name> --config=... --workdir=...`."""

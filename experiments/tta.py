@@ -1,0 +1,41 @@
+r"""Test-time adaptation: the paper's protocol (dem-notes section 5) on offline data.
+
+  python -m experiments.tta --workdir=/tmp/dem_tta                  # digits-C, embedded
+  python -m experiments.tta --config=experiments/configs/fashion_mnist_c.py --workdir=DIR
+
+Steps: train (or resume, or load) the source model on clean data; corrupt the
+test split with the 15 corruptions; sweep the learning rate of every loss the
+same way; run every table row in the single-domain and continual settings for
+every seed; search DEM*'s (tau, alpha) per domain; write `results.json`,
+`results.md` and PNG plots to the work directory. Every finished unit of work
+is saved, so a restarted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "default.py"),
+                                "ml_collections config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (where results and checkpoints go).")
+    from experiments import tta_lib  # after flag parsing: JAX starts here
+    tta_lib.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("workdir")
+    sys.exit(app.run(main))

@@ -1,0 +1,233 @@
+"""Test-time adaptation engine: methods x losses, devices, resume, DEM*, filters, configs.
+
+Everything runs on 8x8 digits with a tiny CNN so that compiles stay cheap.
+"""
+
+import dataclasses
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dem_jax import data
+from dem_jax import losses
+from dem_jax.adapt import methods
+from dem_jax.adapt import objectives
+from dem_jax.adapt import protocol
+from dem_jax.engine import checkpoint
+from dem_jax.engine import parallel
+from dem_jax.engine import train as train_lib
+
+TINY = (("hidden", 8), ("width", 4))
+NUM_CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", "train"), data.load("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def source(digits, tmp_path_factory):
+    """A tiny source model trained for one epoch (about a second)."""
+    train, test = digits
+    cfg = train_lib.SourceConfig(model="cnn", model_kwargs=TINY, epochs=1, batch_size=64)
+    variables = train_lib.train_source(train, test, cfg, str(tmp_path_factory.mktemp("src")))
+    model = train_lib.build_model("cnn", NUM_CLASSES, TINY)
+    return model, variables
+
+
+def domain(test, name="gaussian_noise", n=96):
+    ds = data.corrupt_dataset(test.subset(np.arange(n)), name, 5, seed=0)
+    return protocol.Domain(name, ds.images, ds.labels)
+
+
+def tree_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+@pytest.mark.parametrize("loss", objectives.LOSSES)
+def test_every_method_with_every_loss_runs(source, digits, method, loss):
+    model, variables = source
+    cfg = methods.AdaptConfig(method=method, loss=loss, fisher_alpha=1.0)
+    fisher = (methods.compute_fisher(model, variables, digits[0].images[:64], batch_size=32)
+              if method == "eata" else None)
+    state = methods.init_state(variables, cfg, NUM_CLASSES, lr=0.05, tau=1.3, alpha=0.8,
+                               fisher=fisher)
+    runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
+    images, labels = protocol.stream(domain(digits[1], n=64), 0, 0, 16)
+    new, metrics = runner(state, images, labels)
+    acc = protocol.accuracy(metrics)
+    assert 0.0 <= acc <= 1.0
+    assert tree_finite(new), f"{method}+{loss}: state became non-finite"
+    moved = any(bool(jnp.any(a != b)) for a, b in
+                zip(jax.tree.leaves(new.trainable), jax.tree.leaves(state.trainable)))
+    assert moved == cfg.updates or method in ("eta", "eata", "sar"), (
+        f"{method}+{loss}: parameters {'did not move' if cfg.updates else 'moved'}")
+    if objectives.uses_mec(loss) and method == "tent":  # filters may select nothing
+        assert bool(jnp.any(new.mec != state.mec)), f"{method}+{loss}: MEC never updated"
+
+
+def test_tent_trains_only_normalisation_affine_parameters(source):
+    model, variables = source
+    state = methods.init_state(variables, methods.AdaptConfig(), NUM_CLASSES, lr=0.1)
+    names = {"/".join(k) for k in
+             __import__("flax").traverse_util.flatten_dict(state.trainable)}
+    assert names and all(n.split("/")[-1] in ("scale", "bias") and "BatchNorm" in n
+                         for n in names), names
+
+
+def test_filters_with_no_sample_passing_give_a_finite_zero_update(source, digits):
+    model, variables = source
+    for method in ("eta", "eata", "sar"):
+        cfg = methods.AdaptConfig(method=method, loss="adadem", e_margin=0.0,
+                                  optimizer="adam")
+        state = methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1,
+                                   fisher=jax.tree.map(jnp.zeros_like, variables["params"])
+                                   if False else None)
+        runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
+        images, labels = protocol.stream(domain(digits[1], n=32), 0, 0, 16)
+        new, metrics = runner(state, images, labels)
+        assert float(metrics["selected"].sum()) == 0.0
+        assert tree_finite(new)
+        chex.assert_trees_all_equal(new.trainable, state.trainable,
+                                    custom_message=f"{method}: moved with no selected sample")
+        chex.assert_trees_all_equal(new.mec, state.mec)
+
+
+@pytest.mark.parametrize("method,loss", [("tent", "adadem"), ("eata", "adadem"),
+                                         ("sar", "em"), ("bn", "em")])
+def test_eight_devices_equal_one_device_on_the_global_batch(source, digits, method, loss):
+    """BatchNorm statistics, the MEC and the filters are global across devices."""
+    model, variables = source
+    cfg = methods.AdaptConfig(method=method, loss=loss, fisher_alpha=1.0)
+    fisher = jax.tree.map(lambda x: jnp.full_like(x, 0.01),
+                          methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1).trainable)
+    state = methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1, fisher=fisher)
+    images, labels = protocol.stream(domain(digits[1], n=96), 0, 0, 32)
+    out = {}
+    for name, devices, backend in (("1 device", jax.devices()[:1], "pmap"),
+                                   ("8 devices pmap", jax.devices()[:8], "pmap"),
+                                   ("8 devices shard_map", jax.devices()[:8], "shard_map")):
+        runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=devices, backend=backend)
+        out[name] = runner(state, images, labels)
+    ref_state, ref_metrics = out["1 device"]
+    for name in ("8 devices pmap", "8 devices shard_map"):
+        new, metrics = out[name]
+        chex.assert_trees_all_close(new.trainable, ref_state.trainable, atol=1e-5, rtol=1e-4,
+                                    custom_message=f"{method}+{loss}: {name} != 1 device")
+        chex.assert_trees_all_close(new.mec, ref_state.mec, atol=1e-6,
+                                    custom_message=f"MEC: {name} != 1 device")
+        chex.assert_trees_all_close(new.ema_probs, ref_state.ema_probs, atol=1e-6)
+        np.testing.assert_array_equal(metrics["correct"], ref_metrics["correct"])
+        np.testing.assert_array_equal(metrics["preds"], ref_metrics["preds"])
+
+
+def test_adaptation_batch_not_divisible_by_devices_is_a_clear_error(source, digits):
+    model, variables = source
+    cfg = methods.AdaptConfig()
+    runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:8])
+    images, labels = protocol.stream(domain(digits[1], n=60), 0, 0, 30)
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        runner(methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1), images, labels)
+
+
+def test_dem_grid_respects_prop_a1():
+    grid = protocol.dem_grid(0.1, 0.1)
+    assert np.all(losses.dem_valid(grid[:, 0], grid[:, 1])), "grid point outside Prop. A.1"
+    taus = np.round(np.arange(1, 21) * 0.1, 6)
+    alphas = np.round(np.arange(0, 21) * 0.1, 6)
+    expected = sum(losses.dem_valid(t, a) for t in taus for a in alphas)
+    assert len(grid) == expected and (2.0, 1.0) in {tuple(np.round(g, 6)) for g in grid}
+
+
+def test_vmapped_grid_search_equals_a_loop(source, digits):
+    model, variables = source
+    cfg = methods.AdaptConfig(loss="dem")
+    grid = np.array([[0.5, 1.0], [1.3, 0.8], [2.0, 0.0]], np.float32)
+    images, labels = protocol.stream(domain(digits[1], n=64), 0, 0, 16)
+    base = methods.init_state(variables, cfg, NUM_CLASSES, lr=0.5)
+    vmapped = protocol.Runner(model, cfg, NUM_CLASSES, grid=True, devices=jax.devices()[:1])
+    accs = protocol.grid_accuracy(vmapped, base, images, labels, field="tau_alpha",
+                                  values=grid, chunk=2)  # 2 chunks, the last padded
+    single = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
+    looped = []
+    for tau, alpha in grid:
+        state = base.replace(hyper=base.hyper._replace(tau=jnp.float32(tau),
+                                                       alpha=jnp.float32(alpha)))
+        looped.append(protocol.accuracy(single(state, images, labels)[1]))
+    np.testing.assert_allclose(accs, looped, atol=1e-6,
+                               err_msg="vmapped DEM* grid differs from a loop over the grid")
+
+
+def test_continual_unit_resumes_to_the_same_result(source, digits, tmp_path, monkeypatch):
+    model, variables = source
+    cfg = methods.AdaptConfig(loss="adadem")
+    runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
+    make = lambda: methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1)
+    doms = [domain(digits[1], c, n=48) for c in ("gaussian_noise", "fog", "contrast")]
+    kw = dict(setting="continual", seed=1, batch_size=16)
+    full = protocol.run_domains(runner, make, doms, **kw)
+
+    saves = []
+    real_save = checkpoint.Checkpointer.save
+
+    def interrupt_after_two(self, step, state, meta=None):
+        real_save(self, step, state, meta)
+        saves.append(step)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", interrupt_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        protocol.run_domains(runner, make, doms, ckpt_dir=str(tmp_path / "u"), **kw)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+    resumed = protocol.run_domains(runner, make, doms, ckpt_dir=str(tmp_path / "u"), **kw)
+    assert resumed == full, "a resumed continual run must end with the same result"
+
+
+def test_source_training_resumes_to_the_same_parameters(digits, tmp_path, monkeypatch):
+    train, _ = digits
+    small = train.subset(np.arange(256))
+    cfg = train_lib.SourceConfig(model="cnn", model_kwargs=TINY, epochs=3, batch_size=64)
+    full = train_lib.train_source(small, None, cfg, str(tmp_path / "a"))
+    real_save = checkpoint.Checkpointer.save
+    calls = []
+
+    def crash(self, step, state, meta=None):
+        real_save(self, step, state, meta)
+        calls.append(step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train_source(small, None, cfg, str(tmp_path / "b"))
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+    resumed = train_lib.train_source(small, None, cfg, str(tmp_path / "b"))
+    chex.assert_trees_all_equal(resumed, full,
+                                custom_message="resumed source training must be bit-identical")
+    other = dataclasses.replace(cfg, learning_rate=0.1)
+    with pytest.raises(ValueError, match="different configuration"):
+        train_lib.train_source(small, None, other, str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="tent3"), "Unknown method"),
+    (dict(loss="entropy2"), "Unknown loss"),
+    (dict(optimizer="rmsprop"), "Unknown optimizer"),
+    (dict(mec_momentum=0.0), "mec_momentum"),
+])
+def test_bad_adaptation_config_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        methods.AdaptConfig(**kwargs)
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load("fashion_mnist", "test", data_dir=str(tmp_path))
