@@ -27,9 +27,14 @@ from dem_jax.losses._dem import dem_valid
 from dem_jax.losses._dem import entropy
 from dem_jax.losses._dem import gmc
 from dem_jax.losses._diversity import marginal_entropy
+from dem_jax.losses._noisy import elr
+from dem_jax.losses._noisy import elr_init
+from dem_jax.losses._noisy import generalized_cross_entropy
+from dem_jax.losses._noisy import symmetric_cross_entropy
 from dem_jax.losses._rewards import rewards
 
 __all__ = (
-    "adadem", "cadf", "CALIBRATORS", "DELTA_FROM", "dem", "dem_valid", "entropy",
-    "gmc", "marginal_entropy", "mec_init", "mec_update", "NORMS", "rewards",
+    "adadem", "cadf", "CALIBRATORS", "DELTA_FROM", "dem", "dem_valid", "elr",
+    "elr_init", "entropy", "generalized_cross_entropy", "gmc", "marginal_entropy",
+    "mec_init", "mec_update", "NORMS", "rewards", "symmetric_cross_entropy",
 )
