@@ -9,6 +9,12 @@ same way; run every table row in the single-domain and continual settings for
 every seed; search DEM*'s (tau, alpha) per domain; write `results.json`,
 `results.md` and PNG plots to the work directory. Every finished unit of work
 is saved, so a restarted run continues where it stopped.
+
+Several hosts: run the same command on each with `--coordinator_address=HOST:PORT`
+(process 0's), `--num_processes` and its own `--process_id` (or the environment
+variables DEM_JAX_COORDINATOR, DEM_JAX_NUM_PROCESSES, DEM_JAX_PROCESS_ID), and a
+--workdir that all of them share; on Cloud TPU nothing is needed (JAX detects the
+slice). See `dem_jax.engine.distributed`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -25,6 +32,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "default.py"),
                                 "ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Several processes: host:port of process 0 (default: $DEM_JAX_COORDINATOR).")
+flags.DEFINE_integer("num_processes", None,
+                     "Several processes: how many (default: $DEM_JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None,
+                     "Several processes: this one's id (default: $DEM_JAX_PROCESS_ID).")
 
 
 def main(argv):
@@ -32,6 +45,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (where results and checkpoints go).")
+    from dem_jax.engine import distributed  # before any JAX work
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from experiments import tta_lib  # after flag parsing: JAX starts here
     tta_lib.run(FLAGS.config, FLAGS.workdir)
 

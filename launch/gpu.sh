@@ -2,7 +2,7 @@
 # Runs one dem_jax experiment on this machine's NVIDIA GPUs (a single host; the experiment's
 # pmap / shard_map uses every local GPU, so nothing here splits the work).
 #
-#   launch/gpu.sh --experiment=tta --config=experiments/configs/cifar10c.py --workdir=/tmp/dem_run \
+#   launch/gpu.sh --experiment=tta --config=experiments/configs/cifar10_c.py --workdir=/tmp/dem_run \
 #       [--venv=.venv] [--python=python3.11] [--extra-flags="--config.seed=1"] [--dry-run]
 #
 # Makes the virtualenv if it is missing, installs jax[cuda12] pinned to the project's jax plus the

@@ -1,7 +1,7 @@
 """Runs one dem_jax experiment on a Cloud TPU slice, from creation to deletion.
 
     python -m launch.tpu --name=dem-tta --zone=us-central2-b --accelerator-type=v4-8 \\
-        --experiment=tta --config=experiments/configs/cifar10c.py --workdir=/tmp/dem_run
+        --experiment=tta --config=experiments/configs/cifar10_c.py --workdir=/tmp/dem_run
 
 Steps: create the slice; copy the committed project (`git archive HEAD`) to every worker;
 install it there (a Python 3.11 virtualenv made with uv, `pip install -e '.[tfds]'` and

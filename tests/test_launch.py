@@ -11,7 +11,7 @@ from launch import tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--name=dem-test", "--zone=us-central2-b", "--project=my-proj", "--experiment=tta",
-        "--config=experiments/configs/cifar10c.py", "--workdir=/tmp/dem_run"]
+        "--config=experiments/configs/cifar10_c.py", "--workdir=/tmp/dem_run"]
 
 
 def _plan(*flags):
@@ -53,7 +53,7 @@ def test_plan_creates_installs_runs_fetches_and_deletes(accelerator_type, versio
     assert "--worker=all" in run and run[-1].startswith("--command=")
     remote = shlex.split(run[-1].split("=", 1)[1])
     assert remote[remote.index("-m"):] == [
-        "-m", "experiments.tta", "--config=experiments/configs/cifar10c.py",
+        "-m", "experiments.tta", "--config=experiments/configs/cifar10_c.py",
         "--workdir=/tmp/dem_run"]
 
     assert {"--recurse", "dem-test:/tmp/dem_run", "./results", "--worker=0"} <= set(fetch)
