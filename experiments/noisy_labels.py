@@ -1,0 +1,43 @@
+r"""Training with noisy labels: CE / GCE / SCE / ELR, each alone and + EM / + AdaDEM.
+
+  python -m experiments.noisy_labels --workdir=/tmp/dem_noisy             # digits, embedded
+  python -m experiments.noisy_labels --config=experiments/configs/noisy_fashion_mnist.py \
+      --workdir=DIR
+
+Steps: corrupt the training labels (symmetric / asymmetric, from a fixed seed;
+the clean labels are kept for the metrics); train every loss on every noise
+setting for every seed, evaluating on the clean test split after each epoch;
+write `results.json` (best and final test accuracy, mean and std over seeds,
+the realised noise rate and transition matrix), `results.md` and the
+memorisation plot `memorisation.png` to the work directory. Every run is
+checkpointed and every finished run saved, so a restarted command continues.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "noisy_default.py"),
+                                "ml_collections config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (where results and checkpoints go).")
+    from experiments import noisy_labels_lib  # after flag parsing: JAX starts here
+    noisy_labels_lib.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("workdir")
+    sys.exit(app.run(main))
