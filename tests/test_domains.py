@@ -156,6 +156,7 @@ def test_to_rgb():
     ("fashion_mnist->fashion_mnist_m", 28, 3),
     ("digits->mnist", 28, 1),
     ("mnist->digits", 28, 1),
+    ("digits->digits_m", 16, 3),
     ("tfds:svhn_cropped->tfds:mnist", 32, 3),
 ])
 def test_load_pair_shapes_match(fake_sources, pair, size, channels):

@@ -1,0 +1,41 @@
+r"""Unsupervised domain adaptation: source-only, MinEnt, DANN and SHOT-IM with EM, DEM* or AdaDEM.
+
+  python -m experiments.uda --workdir=/tmp/dem_uda                     # digits -> digits_m, embedded
+  python -m experiments.uda --config=experiments/configs/uda_mnist_m.py --workdir=DIR
+
+Steps, per domain pair: train (or resume, or load) the source model; split the
+target test set into DEM*'s labelled part and the scored rest; run every row for
+every seed from the source model; search DEM*'s (tau, alpha); write
+`results.json`, `results.md` and `curves_<pair>.png` to the work directory. Every
+finished unit of work is saved and units in progress are checkpointed, so a
+restarted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "uda_default.py"),
+                                "ml_collections config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (where results and checkpoints go).")
+    from experiments import uda_lib  # after flag parsing: JAX starts here
+    uda_lib.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("workdir")
+    sys.exit(app.run(main))
