@@ -268,7 +268,7 @@ def compute_fisher(model, variables: dict, images: np.ndarray, *, batch_size: in
     predictions as labels (batch statistics in use, as during adaptation) is
     squared; the Fisher is the mean over batches.
     """
-    n_dev = parallel.num_devices()
+    devices = parallel.participating()
     params = variables["params"]
     trainable, frozen = partition.partition(params, models.norm_param_mask(params))
 
@@ -283,14 +283,16 @@ def compute_fisher(model, variables: dict, images: np.ndarray, *, batch_size: in
         return jax.tree.map(jnp.square, g)
 
     fn = parallel.data_parallel(per_device, backend=backend)
-    rep = parallel.replicate((trainable, frozen, variables.get("batch_stats", {})), n_dev)
+    rep = parallel.replicate((trainable, frozen, variables.get("batch_stats", {})),
+                             parallel.num_local_devices(devices))
     num_batches = len(images) // batch_size
     if num_batches == 0:
         raise ValueError(f"EATA needs at least one batch ({batch_size}) of clean source "
                          f"images for the Fisher; got {len(images)}.")
     total = None
     for b in range(num_batches):
-        sq = parallel.unreplicate(fn(*rep, parallel.shard(
-            images[b * batch_size:(b + 1) * batch_size], n_dev)))
+        # Each process feeds its rows of the batch (all of them on one process).
+        sq = parallel.unreplicate(fn(*rep, parallel.shard_batch(
+            images[b * batch_size:(b + 1) * batch_size], devices)))
         total = sq if total is None else jax.tree.map(jnp.add, total, sq)
     return jax.tree.map(lambda x: x / num_batches, total)

@@ -23,10 +23,12 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dem_jax import losses
 from dem_jax.adapt import methods
 from dem_jax.engine import checkpoint as ckpt_lib
+from dem_jax.engine import distributed
 from dem_jax.engine import parallel
 from dem_jax.engine import reporting
 
@@ -73,16 +75,22 @@ def labelled_split(domain: Domain, index: int, fraction: float, batch_size: int,
 
 
 class Runner:
-    """Runs adaptation streams for one (method, loss) on all local devices."""
+    """Runs adaptation streams for one (method, loss) on all devices (of every process).
+
+    With several processes every process passes the same global stream, feeds
+    its own columns of each batch (`distributed.process_shard`) and gets the
+    same state and metrics back (`preds` are gathered from all processes).
+    """
 
     def __init__(self, model, cfg: methods.AdaptConfig, num_classes: int, *,
                  backend: str = "pmap", grid: bool = False, devices=None):
-        self.n_dev = parallel.num_devices(devices)
+        self.devices = parallel.participating(devices)
+        self.n_dev = parallel.num_devices(self.devices)
         self.cfg = cfg
         self.grid = grid
         step = methods.make_adapt_step(model, cfg, num_classes)
         self._run = parallel.data_parallel(methods.make_stream_fn(step, grid=grid),
-                                           backend=backend, devices=devices)
+                                           backend=backend, devices=self.devices)
 
     def __call__(self, state, images: np.ndarray, labels: np.ndarray):
         """Adapts along `[num_batches, batch, ...]`; returns (state, per-batch metrics).
@@ -96,14 +104,23 @@ class Runner:
                 f"The adaptation batch size {images.shape[1]} is not divisible by the {n} "
                 f"devices. Test-time adaptation does not pad (padding would corrupt "
                 f"batch statistics): use a batch size that is a multiple of {n}.")
-        per = lambda x: np.moveaxis(x.reshape(x.shape[0], n, -1, *x.shape[2:]), 1, 0)
-        rep = parallel.replicate(state, n)
+        # This process's columns of every batch (all of them on one process).
+        cols = distributed.process_shard(images.shape[1], self.devices)
+        images, labels = images[:, cols], labels[:, cols]
+        n_local = parallel.num_local_devices(self.devices)
+        per = lambda x: np.moveaxis(x.reshape(x.shape[0], n_local, -1, *x.shape[2:]), 1, 0)
+        rep = parallel.replicate(state, n_local)
         rep, metrics = self._run(rep, per(images), per(labels))
         state = parallel.unreplicate(rep)
         # scan stacks batches first: [dev, nb, (grid,) ...] -> [(grid,) nb, ...]
-        out = {k: np.asarray(metrics[k][0]) for k in ("correct", "count", "loss", "selected")}
+        out = {k: np.asarray(v) for k, v in parallel.unreplicate(
+            {k: metrics[k] for k in ("correct", "count", "loss", "selected")}).items()}
         preds = np.moveaxis(np.asarray(metrics["preds"]), 0, -2)  # [nb, (grid,) dev, b/dev]
-        out["preds"] = preds.reshape(*preds.shape[:-2], -1)
+        preds = preds.reshape(*preds.shape[:-2], -1)
+        if jax.process_count() > 1:  # [process, nb, (grid,) B/P]: the columns in order
+            gathered = np.asarray(multihost_utils.process_allgather(preds))
+            preds = np.concatenate(list(gathered), axis=-1)
+        out["preds"] = preds
         if self.grid:
             out = {k: np.swapaxes(v, 0, 1) for k, v in out.items()}
         return state, out

@@ -6,6 +6,8 @@ BatchNorm statistics are averaged by the model itself (its `axis_name`).
 Restarting an interrupted run with the same arguments continues from the last
 epoch checkpoint and ends with the same parameters as an uninterrupted run:
 the batch order and the augmentation of epoch e depend only on (seed, e).
+With several processes (`engine.distributed`) every process draws the same
+global batches and feeds only its rows of each (`parallel.shard_batch`).
 """
 
 from __future__ import annotations
@@ -137,32 +139,45 @@ def make_eval_step(model) -> Callable:
     return eval_step
 
 
-def evaluate(model, variables, dataset, *, batch_size: int, backend: str = "pmap") -> float:
-    """Top-1 accuracy of `variables` on every example of `dataset` (padded, masked)."""
-    n_dev = parallel.num_devices()
+def evaluate(model, variables, dataset, *, batch_size: int, backend: str = "pmap",
+             devices=None) -> float:
+    """Top-1 accuracy of `variables` on every example of `dataset` (padded, masked).
+
+    `devices`: those to run on (default: all, of every process). With several
+    processes each feeds its rows of every batch; the counts are psum'd.
+    """
+    devices = parallel.participating(devices)
+    n_dev = parallel.num_devices(devices)
     batch_size = -(-batch_size // n_dev) * n_dev
-    step = parallel.data_parallel(make_eval_step(model), backend=backend)
-    rep = parallel.replicate(variables, n_dev)
+    step = parallel.data_parallel(make_eval_step(model), backend=backend, devices=devices)
+    rep = parallel.replicate(variables, parallel.num_local_devices(devices))
     correct = total = 0
     for idx, mask in pipeline.padded_batches(len(dataset), batch_size):
-        c, t = step(rep, *parallel.shard((dataset.images[idx], dataset.labels[idx], mask), n_dev))
-        correct += int(c[0])
-        total += int(t[0])
+        c, t = step(rep, *parallel.shard_batch((dataset.images[idx], dataset.labels[idx], mask),
+                                               devices))
+        c, t = parallel.unreplicate((c, t))  # psum'd: equal on every device
+        correct += int(c)
+        total += int(t)
     assert total == len(dataset), (total, len(dataset))
     return correct / total
 
 
 def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
-                 backend: str = "pmap", log: reporting.MetricsLog | None = None) -> dict:
+                 backend: str = "pmap", log: reporting.MetricsLog | None = None,
+                 devices=None) -> dict:
     """Trains (or resumes, or loads) the source model; returns its variables.
 
     Checkpoints go to `<workdir>/source` after every epoch. A finished run is
-    loaded, not retrained.
+    loaded, not retrained. `devices`: those to train on (default: all, of
+    every process); with several processes every process draws the same
+    global batches and feeds only its rows of each, and all end with the same
+    variables.
 
     Returns:
       {"params": ..., "batch_stats": ...} as host arrays.
     """
-    n_dev = parallel.num_devices()
+    devices = parallel.participating(devices)
+    n_dev = parallel.num_devices(devices)
     if cfg.batch_size % n_dev:
         raise ValueError(f"source.batch_size={cfg.batch_size} is not divisible by the "
                          f"{n_dev} devices; use a multiple of {n_dev}.")
@@ -190,12 +205,12 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
                 f"configuration:\n  {meta.get('config')}\nnow:\n  {repr(cfg)}\n"
                 "Use another --workdir or delete that directory.")
     dropped = len(train_ds) - steps_per_epoch * cfg.batch_size
-    if dropped and start < cfg.epochs:
+    if dropped and start < cfg.epochs and reporting.is_writer():
         print(f"[source] {dropped} of {len(train_ds)} training examples are left out of each "
               "epoch (the last partial batch; a different set each epoch, by the reshuffle).")
     step_fn = parallel.data_parallel(make_train_step(model, tx), backend=backend,
-                                     donate_argnums=(0,))
-    rep = parallel.replicate(state, n_dev)
+                                     devices=devices, donate_argnums=(0,))
+    rep = parallel.replicate(state, parallel.num_local_devices(devices))
     for epoch in reporting.progress(range(start, cfg.epochs), desc="source training",
                                     total=cfg.epochs, initial=start):
         rng = np.random.default_rng([cfg.seed, epoch])
@@ -206,9 +221,11 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
         sums = {"loss": 0.0, "accuracy": 0.0}
         for idx in batches:
             images = augment(train_ds.images[idx], rng, cfg.augment)
-            rep, metrics = step_fn(rep, *parallel.shard((images, train_ds.labels[idx]), n_dev))
+            rep, metrics = step_fn(rep, *parallel.shard_batch((images, train_ds.labels[idx]),
+                                                              devices))
+            metrics = parallel.unreplicate(metrics)  # pmean'd: equal on every device
             for k in sums:
-                sums[k] += float(metrics[k][0]) / len(batches)
+                sums[k] += float(metrics[k]) / len(batches)
         state = parallel.unreplicate(rep)
         ckpt.save(epoch, state, {"epoch": epoch, "config": repr(cfg)})
         if log is not None:
@@ -217,6 +234,7 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     variables = jax.tree.map(np.asarray, variables)
     if log is not None and test_ds is not None:
-        acc = evaluate(model, variables, test_ds, batch_size=cfg.batch_size, backend=backend)
+        acc = evaluate(model, variables, test_ds, batch_size=cfg.batch_size, backend=backend,
+                       devices=devices)
         log.write(phase="source", test_accuracy=acc)
     return variables
