@@ -94,6 +94,12 @@ class Experiment:
         data_dir = config.data_dir or None
         self.train = data_lib.load(config.data, "train", data_dir=data_dir)
         self.test = data_lib.load(config.data, "test", data_dir=data_dir)
+        self.test_split_size = len(self.test)
+        if config.max_test_examples and config.max_test_examples < len(self.test):
+            # An explicit, fixed subset (same for every seed), reported in results.md.
+            keep = np.sort(np.random.default_rng(0).permutation(len(self.test))[
+                :config.max_test_examples])
+            self.test = self.test.subset(keep)
         self.num_classes = self.train.num_classes
         src = config.source
         self.source_cfg = train_lib.SourceConfig(
@@ -240,7 +246,10 @@ def results_markdown(results: dict, config) -> str:
     out = [f"# Test-time adaptation on {config.data}-C (severity {config.severity})", "",
            f"Source model ({config.model}) clean test accuracy: "
            f"{100 * results['source_accuracy']:.1f}%. Online top-1 accuracy (%), batch size "
-           f"{config.batch_size}, mean over seeds {list(config.seeds)} ± std over seeds.", ""]
+           f"{config.batch_size}, mean over seeds {list(config.seeds)} ± std over seeds, "
+           f"{results['test_examples']} test images per domain"
+           + (f" (a fixed subset of {results['test_split_size']})"
+              if results["test_examples"] < results["test_split_size"] else "") + ".", ""]
     for setting in config.settings:
         out += [f"## {setting.capitalize()}-domain" if setting == "single" else
                 "## Continual", ""]
@@ -309,6 +318,8 @@ def run(config, workdir: str) -> dict:
     units = run_units(exp, lrs)
     results: dict[str, Any] = summarise(units, list(config.corruptions))
     results["source_accuracy"] = exp.source_accuracy
+    results["test_examples"] = len(exp.test)
+    results["test_split_size"] = exp.test_split_size
     results["learning_rates"] = lrs
     results["lr_sweep"] = {"lrs": list(config.lr_grid), "accuracy": sweep,
                            "seed": config.lr_sweep_seed} if sweep else None

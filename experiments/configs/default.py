@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.corruptions = CORRUPTIONS           # the paper's continual order
     c.severity = 5
     c.corruption_seed = 0
+    c.max_test_examples = 0               # 0 = the whole test split; else a fixed subset
     c.batch_size = 30                     # 450 test digits = 15 batches per domain
     c.seeds = (0, 1, 2)                   # the seed changes the batch order
     c.settings = ("single", "continual")
