@@ -2,7 +2,7 @@
 
 For users with the internet and TensorFlow-free array_record copies of the data sets
 (see README); the corruptions then come from tfds, not from dem_jax.data.corruptions:
-  python -m experiments.tta --config=experiments/configs/cifar10_c.py --workdir=gs://.../cifar10_c
+  python -m experiments.tta --config=experiments/configs/cifar10_c.py --workdir=runs/cifar10_c
 """
 
 from experiments.configs import default
