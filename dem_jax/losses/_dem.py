@@ -37,7 +37,7 @@ from dem_jax.losses import _common
 
 
 def cadf_parts(zc, live, tau):
-  """CADF of centred logits.
+  """CADF of centred logits (`zc` and `live` from `_common.centre`).
 
   Returns:
     t: [...] `-sum_i q_i zc_i` (T_tau of the centred logits; add `-max z`);
@@ -53,26 +53,35 @@ def cadf_parts(zc, live, tau):
 
 
 def _decoupled_forward(z, tau, alpha, mode):
-  zc, live, zmax = _common.centre(z)
-  p, lse = _common.softmax(zc, live)
+  """The value and the backward residuals.
+
+  One pass computes `e = exp(zc)` (for `p`, the GMC and EM) and/or
+  `f = exp(zc / tau)` (for `q`, the CADF); they are kept as residuals so that
+  the backward pass is elementwise with no `exp` (on CPU `exp` costs more than
+  storing and re-reading the array). `lse = logsumexp(zc) = -log(inv_p)`.
+  """
+  zc, zmax = _common.shift(z)
+  zmax = zmax[..., 0]
+  p_parts = q_parts = None
+  if mode in ("entropy", "gmc", "dem"):
+    p_parts = _common.exp_moments(zc)
+  if mode in ("cadf", "dem"):
+    q_parts = _common.exp_moments(zc, tau)
   if mode == "entropy":
-    # q = p: one softmax; H = lse - E_p[zc], exact even for huge logits.
-    mean = jnp.sum(p * zc, axis=-1)
-    dev = jnp.where(live, zc - mean[..., None], 0.0)
-    value = lse - mean
-    grad = -p * dev  # the CADF reward -p(dev + 1) plus the GMC gradient p
-    return value, (grad, None, None)
-  q_lse = lse + zmax  # logsumexp(z) = Q_1(z)
-  if mode == "gmc":
-    return alpha * q_lse, (alpha * p, None, q_lse)
-  t, t_grad, t_dtau = cadf_parts(zc, live, tau)
-  if mode == "cadf":
-    return t - zmax, (t_grad, t_dtau, None)
-  # dem: the max terms of T_tau and Q_alpha are combined before adding, so that
-  # tau = alpha = 1 gives the entropy to the last bit rather than a difference
-  # of two numbers of the size of the logits.
-  value = t + alpha * lse + (alpha - 1.0) * zmax
-  return value, (t_grad + alpha * p, t_dtau, q_lse)
+    # q = p: one exp; H = logsumexp(zc) - E_p[zc], exact even for huge logits.
+    _, inv_p, mean_p = p_parts
+    value = -jnp.log(inv_p[..., 0]) - mean_p[..., 0]
+  elif mode == "gmc":
+    value = alpha * (-jnp.log(p_parts[1][..., 0]) + zmax)
+  elif mode == "cadf":
+    value = -q_parts[2][..., 0] - zmax  # T_tau(z) = -E_q[zc] - max z
+  else:
+    # dem: the max terms of T_tau and Q_alpha are combined before adding, so
+    # that tau = alpha = 1 gives the entropy to the last bit rather than a
+    # difference of two numbers of the size of the logits.
+    value = (-q_parts[2][..., 0] - alpha * jnp.log(p_parts[1][..., 0])
+             + (alpha - 1.0) * zmax)
+  return value, (zc, zmax, p_parts, q_parts, tau, alpha)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -81,17 +90,35 @@ def _decoupled(z, tau, alpha, mode):
 
 
 def _decoupled_fwd(z, tau, alpha, mode):
-  value, res = _decoupled_forward(z, tau, alpha, mode)
-  return value, res
+  return _decoupled_forward(z, tau, alpha, mode)
 
 
 def _decoupled_bwd(mode, res, g):
-  grad, dtau, dalpha = res
-  dz = g[..., None] * grad
-  # Cotangents of tau and alpha, so that a traced (vmapped, differentiated)
-  # hyperparameter gets its true gradient rather than a silent zero.
-  gtau = jnp.zeros((), jnp.float32) if dtau is None else jnp.sum(g * dtau)
-  galpha = jnp.zeros((), jnp.float32) if dalpha is None else jnp.sum(g * dalpha)
+  zc, zmax, p_parts, q_parts, tau, alpha = res
+  g = g[..., None]
+  dz = 0.0
+  gtau = galpha = jnp.zeros((), jnp.float32)
+  if mode == "entropy":
+    # dH/dz_i = -p_i (zc_i - E_p[zc]): the CADF reward -p(dev + 1) plus the
+    # GMC gradient p. Masked classes: e = 0 and zc is finite, so exactly 0.
+    e, inv_p, mean_p = p_parts
+    return (g * inv_p) * e * (mean_p - zc), gtau, galpha
+  if p_parts is not None:
+    # dQ_alpha/dz_i = alpha p_i.
+    e, inv_p, _ = p_parts
+    dz = (g * alpha * inv_p) * e
+    # dQ_alpha/dalpha = logsumexp(z).
+    galpha = jnp.sum(g[..., 0] * (zmax - jnp.log(inv_p[..., 0])))
+  if q_parts is not None:
+    # dT_tau/dz_i = -(q_i / tau) (zc_i - E_q[zc] + tau).
+    f, inv_q, mean_q = q_parts
+    dev = zc - mean_q
+    dz = dz - (g * inv_q / tau) * f * (dev + tau)
+    # dT_tau/dtau = Var_q[z] / tau^2. Computed only when tau is differentiated
+    # (XLA drops it otherwise), so that a traced (vmapped, differentiated) tau
+    # gets its true gradient rather than a silent zero.
+    var = jnp.sum(f * dev * dev, axis=-1) * inv_q[..., 0]
+    gtau = jnp.sum(g[..., 0] * var) / (tau * tau)
   return dz, gtau, galpha
 
 
