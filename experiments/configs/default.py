@@ -1,7 +1,7 @@
 """Test-time adaptation on scikit-learn's 8x8 digits-C: the embedded default (no download).
 
-Finishes in a few minutes on a 2-core CPU:
-  python -m experiments.tta --workdir=/tmp/dem_tta
+Finishes in under 5 minutes on a 2-core CPU:
+  python -m experiments.tta --workdir=runs/tta
 """
 
 import ml_collections
@@ -34,9 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.settings = ("single", "continual")
     # Table rows: a baseline name, a loss name (Tent with that loss), "dem_star",
     # or "<method>+<loss>" for ETA / EATA / SAR.
+    # The default keeps the paper's Tent rows so that it finishes in under 5
+    # minutes on a 2-core CPU; `digits_c_full.py` adds the ETA/EATA/SAR rows.
     c.rows = ("noadapt", "bn", "em", "cadf", "dem_star", "adadem_norm", "adadem_mec",
-              "adadem", "eta+em", "eta+adadem", "eata+em", "eata+adadem", "sar+em",
-              "sar+adadem")
+              "adadem")
 
     c.optimizer = "sgd"                   # plain SGD: the paper's Tent-dagger
     c.momentum = 0.9
@@ -45,7 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     # domain, mean over corruptions, seed `lr_sweep_seed`): no loss is tuned
     # more than another. "fixed" uses `learning_rates` instead.
     c.lr_selection = "sweep"
-    c.lr_grid = tuple(float(x) for x in np.round(10.0 ** np.arange(-2.0, 2.01, 0.5), 6))
+    # 10^-2 .. 10^1 in half decades: wide enough on digits-C to show every loss's
+    # peak and where EM, AdaDEM and AdaDEM-V collapse (paper Table 14).
+    c.lr_grid = tuple(float(x) for x in np.round(10.0 ** np.arange(-2.0, 1.01, 0.5), 6))
     c.lr_sweep_losses = ("em", "cadf", "adadem_norm", "adadem_mec", "adadem", "adadem_v")
     c.lr_sweep_seed = 0
     c.learning_rates = ml_collections.ConfigDict({"em": 0.01})
