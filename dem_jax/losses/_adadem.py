@@ -150,10 +150,14 @@ def adadem_parts(z, m, *, norm, calibrator, delta_from):
     # Masked classes are left out of the calibrator; the row is renormalised
     # over the live classes so the gradient still sums to zero (shift
     # invariance). m . z is computed on centred logits, exact because m sums to 1.
-    m = jnp.where(live, m, 0.0)
+    # (One multiply-add per element and float sums: XLA CPU's selects over
+    # [..., C] and integer reductions cost several times more.)
+    live_f = live.astype(jnp.float32)
+    m = m * live_f
     total = jnp.sum(m, axis=-1, keepdims=True)
-    m = jnp.where(total > 0, m / jnp.where(total > 0, total, 1.0),
-                  live / jnp.sum(live, axis=-1, keepdims=True))
+    empty = total <= 0  # all of the row's mass on masked classes: uniform
+    scale = 1.0 / jnp.where(empty, jnp.sum(live_f, axis=-1, keepdims=True), total)
+    m = (m + jnp.where(empty, 1.0, 0.0) * live_f) * scale
     numerator = jnp.sum(m * zc, axis=-1) - mean
     c_grad = m
   grad = (c_grad - cadf_reward) / delta[..., None]
@@ -248,10 +252,15 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
     new_mec = mec
     m = jnp.zeros((), jnp.float32)  # unused by the GMC
   else:
-    flat = z.reshape(-1, num_classes)
+    # The prediction and the probabilities, computed once for the MEC update
+    # and the row lookup: `first_argmax` is `argmax(z)` without XLA CPU's slow
+    # (value, index) reduction, and the shifted exp is the softmax.
+    zc, _ = _common.shift(lax.stop_gradient(z))
+    yhat = _common.first_argmax(zc)
+    e, inv, _ = _common.exp_moments(zc)
     flat_mask = None if mask is None else mask.reshape(-1)
-    new_mec = mec_update(mec, jax.nn.softmax(flat, axis=-1), jnp.argmax(flat, -1),
+    new_mec = mec_update(mec, (e * inv).reshape(-1, num_classes), yhat.reshape(-1),
                          momentum=momentum, where=flat_mask, axis_name=axis_name)
-    m = new_mec.astype(jnp.float32)[jnp.argmax(z, axis=-1)]
+    m = new_mec.astype(jnp.float32)[yhat]
   value = _adadem(z, m, norm, calibrator, delta_from)
   return _common.apply_mask(value, mask), new_mec
