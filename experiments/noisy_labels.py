@@ -11,6 +11,12 @@ write `results.json` (best and final test accuracy, mean and std over seeds,
 the realised noise rate and transition matrix), `results.md` and the
 memorisation plot `memorisation.png` to the work directory. Every run is
 checkpointed and every finished run saved, so a restarted command continues.
+
+Several hosts: run the same command on each with `--coordinator_address=HOST:PORT`
+(process 0's), `--num_processes` and its own `--process_id` (or the environment
+variables DEM_JAX_COORDINATOR, DEM_JAX_NUM_PROCESSES, DEM_JAX_PROCESS_ID), and a
+--workdir that all of them share; on Cloud TPU nothing is needed (JAX detects the
+slice). See `dem_jax.engine.distributed`.
 """
 
 from __future__ import annotations
@@ -20,13 +26,17 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
+
+from dem_jax.engine import distributed  # imports jax, starts nothing
 
 FLAGS = flags.FLAGS
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "noisy_default.py"),
                                 "ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+distributed.define_flags()
 
 
 def main(argv):
@@ -34,6 +44,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (where results and checkpoints go).")
+    distributed.initialize_from_flags()  # before any JAX work
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from experiments import noisy_labels_lib  # after flag parsing: JAX starts here
     noisy_labels_lib.run(FLAGS.config, FLAGS.workdir)
 

@@ -8,6 +8,12 @@ history in the checkpoint's metadata) and, once finished, saved as
 runs and resumes an interrupted one from its last checkpoint. The batch order
 and augmentation of epoch e depend only on (seed, e), so a resumed run ends
 exactly where an uninterrupted one would.
+
+Several processes (`engine.distributed`): every process draws the same global
+batches and feeds its own rows of each (`parallel.shard_batch`); metrics are
+global sums, ELR's table is synchronised inside the step (an all-gather over
+every device of every process), so all processes end with the same state and
+results, and only process 0 writes logs, results and plots.
 """
 
 from __future__ import annotations
@@ -114,8 +120,9 @@ class Experiment:
     def __init__(self, config, workdir: str, *, devices=None):
         self.config = config
         self.workdir = workdir
-        self.devices = list(devices or jax.local_devices())
-        self.n_dev = len(self.devices)
+        self.devices = parallel.participating(devices)  # default: all, of every process
+        self.n_dev = parallel.num_devices(self.devices)
+        self.n_local = parallel.num_local_devices(self.devices)
         self.log = reporting.MetricsLog(workdir)
         data_dir = config.data_dir or None
         self.train = data_lib.load(config.data, "train", data_dir=data_dir)
@@ -183,10 +190,10 @@ class Experiment:
         b = -(-self.config.eval_batch_size // self.n_dev) * self.n_dev
         correct = total = 0
         for idx, mask in pipeline.padded_batches(len(self.test), b):
-            c, t = self._eval(rep_variables, *parallel.shard(
-                (self.test.images[idx], self.test.labels[idx], mask), self.n_dev))
-            correct += int(c[0])
-            total += int(t[0])
+            c, t = parallel.unreplicate(self._eval(rep_variables, *parallel.shard_batch(
+                (self.test.images[idx], self.test.labels[idx], mask), self.devices)))
+            correct += int(c)  # psum'd: equal on every device
+            total += int(t)
         return correct / total
 
     def path(self, setting: str, *parts: str) -> str:
@@ -196,7 +203,6 @@ class Experiment:
 def train_run(exp: Experiment, setting: str, loss: str, seed: int) -> dict:
     """Trains one (setting, loss, seed) run, resuming from its checkpoint if any."""
     c = exp.config
-    n_dev = exp.n_dev
     labels = exp.noise[setting].noisy
     clean = exp.train.labels
     num_examples = len(exp.train)
@@ -207,7 +213,7 @@ def train_run(exp: Experiment, setting: str, loss: str, seed: int) -> dict:
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         start, history, seconds = meta["epoch"] + 1, meta["history"], meta["seconds"]
-    rep = jax.device_put(parallel.replicate(state, n_dev))
+    rep = jax.device_put(parallel.replicate(state, exp.n_local))
     step_fn = exp.step(loss)
     t0 = time.time()
     for epoch in reporting.progress(range(start, c.epochs), desc=f"{setting} {loss} seed {seed}",
@@ -220,9 +226,9 @@ def train_run(exp: Experiment, setting: str, loss: str, seed: int) -> dict:
         outs = []
         for idx in batches:
             images = train_lib.augment(exp.train.images[idx], rng, c.augment)
-            rep, metrics = step_fn(rep, *parallel.shard(
-                (images, labels[idx], idx.astype(np.int32), clean[idx]), n_dev))
-            outs.append(jax.tree.map(lambda x: x[0], metrics))
+            rep, metrics = step_fn(rep, *parallel.shard_batch(
+                (images, labels[idx], idx.astype(np.int32), clean[idx]), exp.devices))
+            outs.append(parallel.unreplicate(metrics))  # global sums: equal on every device
         outs = jax.device_get(outs)
         sums = {k: float(sum(o[k] for o in outs)) for k in COUNTS}
         record = dict(
@@ -389,6 +395,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
     reporting.write_json(os.path.join(workdir, "results.json"), results)
     md = results_markdown(results, config)
     reporting.write_text(os.path.join(workdir, "results.md"), md)
-    plot_memorisation(os.path.join(workdir, "memorisation.png"), units, config)
-    print(md)
+    if reporting.is_writer():
+        plot_memorisation(os.path.join(workdir, "memorisation.png"), units, config)
+        print(md)
     return results

@@ -27,17 +27,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dem_jax.engine import distributed  # imports jax, starts nothing
+
 FLAGS = flags.FLAGS
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "default.py"),
                                 "ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
-flags.DEFINE_string("coordinator_address", None,
-                    "Several processes: host:port of process 0 (default: $DEM_JAX_COORDINATOR).")
-flags.DEFINE_integer("num_processes", None,
-                     "Several processes: how many (default: $DEM_JAX_NUM_PROCESSES).")
-flags.DEFINE_integer("process_id", None,
-                     "Several processes: this one's id (default: $DEM_JAX_PROCESS_ID).")
+distributed.define_flags()
 
 
 def main(argv):
@@ -45,8 +42,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (where results and checkpoints go).")
-    from dem_jax.engine import distributed  # before any JAX work
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    distributed.initialize_from_flags()  # before any JAX work
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from experiments import tta_lib  # after flag parsing: JAX starts here
     tta_lib.run(FLAGS.config, FLAGS.workdir)

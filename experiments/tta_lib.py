@@ -331,6 +331,7 @@ def run(config, workdir: str) -> dict:
                                                  d.alpha_max))}
     reporting.write_json(os.path.join(workdir, "results.json"), results)
     reporting.write_text(os.path.join(workdir, "results.md"), results_markdown(results, config))
-    write_plots(exp, results, units)
-    print(results_markdown(results, config))
+    if reporting.is_writer():  # one writer: the work directory is shared by every process
+        write_plots(exp, results, units)
+        print(results_markdown(results, config))
     return results

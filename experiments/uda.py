@@ -9,6 +9,12 @@ every seed from the source model; search DEM*'s (tau, alpha); write
 `results.json`, `results.md` and `curves_<pair>.png` to the work directory. Every
 finished unit of work is saved and units in progress are checkpointed, so a
 restarted run continues where it stopped.
+
+Several hosts: run the same command on each with `--coordinator_address=HOST:PORT`
+(process 0's), `--num_processes` and its own `--process_id` (or the environment
+variables DEM_JAX_COORDINATOR, DEM_JAX_NUM_PROCESSES, DEM_JAX_PROCESS_ID), and a
+--workdir that all of them share; on Cloud TPU nothing is needed (JAX detects the
+slice). See `dem_jax.engine.distributed`.
 """
 
 from __future__ import annotations
@@ -18,13 +24,17 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
+
+from dem_jax.engine import distributed  # imports jax, starts nothing
 
 FLAGS = flags.FLAGS
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "uda_default.py"),
                                 "ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+distributed.define_flags()
 
 
 def main(argv):
@@ -32,6 +42,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (where results and checkpoints go).")
+    distributed.initialize_from_flags()  # before any JAX work
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from experiments import uda_lib  # after flag parsing: JAX starts here
     uda_lib.run(FLAGS.config, FLAGS.workdir)
 

@@ -17,6 +17,10 @@ Protocol, per domain pair:
 
 Every finished unit is cached as JSON; a unit in progress is checkpointed (orbax)
 every `eval_every` steps, so a restarted run continues and ends with the same result.
+
+Several processes (`engine.distributed`): every process runs this same code on the
+same global batches and feeds its own rows of each (`uda.Runner`, `train_source`);
+all get the same results, and only process 0 writes logs, results and plots.
 """
 
 from __future__ import annotations
@@ -374,8 +378,9 @@ def run(config, workdir: str, *, devices=None) -> dict:
                          {"pairs": results, "units": {p: r["units"] for p, r in raw.items()}})
     md = results_markdown(results, config)
     reporting.write_text(os.path.join(workdir, "results.md"), md)
-    for pair in config.pairs:
-        plot_curves(os.path.join(workdir, f"curves_{slug(pair)}.png"), pair,
-                    results[pair]["rows"])
-    print(md)
+    if reporting.is_writer():
+        for pair in config.pairs:
+            plot_curves(os.path.join(workdir, f"curves_{slug(pair)}.png"), pair,
+                        results[pair]["rows"])
+        print(md)
     return results

@@ -45,6 +45,7 @@ from jax import lax
 from dem_jax import losses
 from dem_jax import models
 from dem_jax.adapt import objectives
+from dem_jax.engine import distributed
 from dem_jax.engine import parallel
 from dem_jax.engine import partition
 from dem_jax.engine import train as train_lib
@@ -277,40 +278,49 @@ def make_eval_fn(model, *, grid: bool = False) -> Callable:
 
 
 class Runner:
-    """Compiled UDA training chunks and evaluation for one `UDAConfig` on a set of devices."""
+    """Compiled UDA training chunks and evaluation for one `UDAConfig` on a set of devices.
+
+    `devices` default to all devices of every process. With several processes
+    (`engine.distributed`) every process passes the same global batches, feeds
+    its own rows of each (`distributed.process_shard`) and gets the same state
+    and metrics back (every metric is a global mean or sum).
+    """
 
     def __init__(self, model, cfg: UDAConfig, num_classes: int, *, backend: str = "pmap",
                  grid: bool = False, devices=None):
-        self.n_dev = parallel.num_devices(devices)
+        self.devices = parallel.participating(devices)
+        self.n_dev = parallel.num_devices(self.devices)
+        self.n_local = parallel.num_local_devices(self.devices)
         self.cfg = cfg
         self.grid = grid
         step = make_step(model, cfg, num_classes)
         self._step = parallel.data_parallel(make_grid_step(step) if grid else step,
-                                            backend=backend, devices=devices,
+                                            backend=backend, devices=self.devices,
                                             donate_argnums=(0,))
         self._eval = parallel.data_parallel(make_eval_fn(model, grid=grid), backend=backend,
-                                            devices=devices)
+                                            devices=self.devices)
 
     def _per_device(self, x, what):
-        """`[steps, B, ...]` -> `[steps, dev, B / dev, ...]`."""
+        """`[steps, B, ...]` -> this process's rows, `[steps, local dev, B / dev, ...]`."""
         n = self.n_dev
         if x.shape[1] % n:
             raise ValueError(
                 f"The {what} batch size {x.shape[1]} is not divisible by the {n} devices; "
                 f"use a multiple of {n} (UDA never pads a training batch: padding would "
                 "corrupt BatchNorm statistics, the MEC and the marginal entropy).")
-        return np.asarray(x).reshape(x.shape[0], n, -1, *x.shape[2:])
+        x = np.asarray(x)[:, distributed.process_shard(x.shape[1], self.devices)]
+        return x.reshape(x.shape[0], self.n_local, -1, *x.shape[2:])
 
     def train(self, state, src_x, src_y, tgt_x):
         """Runs `[steps, B, ...]` batches; returns (host state, metrics `[steps, (grid)]`)."""
         src_x, src_y, tgt_x = (self._per_device(a, w) for a, w in
                                ((src_x, "source"), (src_y, "source"), (tgt_x, "target")))
-        rep = parallel.replicate(state, self.n_dev)
+        rep = parallel.replicate(state, self.n_local)
         out = []
         for t in range(src_x.shape[0]):
             rep, metrics = self._step(rep, src_x[t], src_y[t], tgt_x[t])
-            out.append(metrics)
-        metrics = {k: np.stack([np.asarray(m[k][0]) for m in out]) for k in out[0]}
+            out.append(parallel.unreplicate(metrics))  # global means: equal on every device
+        metrics = {k: np.stack([np.asarray(m[k]) for m in out]) for k in out[0]}
         return jax.tree.map(np.asarray, parallel.unreplicate(rep)), metrics
 
     def accuracy(self, state, dataset, *, batch_size: int) -> np.ndarray:
@@ -318,11 +328,11 @@ class Runner:
         from dem_jax.data import pipeline
         n = self.n_dev
         batch_size = -(-batch_size // n) * n
-        rep = parallel.replicate(state, n)
+        rep = parallel.replicate(state, self.n_local)
         correct = total = 0
         for idx, mask in pipeline.padded_batches(len(dataset), batch_size):
-            c, t = self._eval(rep, *parallel.shard(
-                (dataset.images[idx], dataset.labels[idx], mask), n))
-            correct = correct + np.asarray(c[0])
-            total = total + np.asarray(t[0])
+            c, t = parallel.unreplicate(self._eval(rep, *parallel.shard_batch(
+                (dataset.images[idx], dataset.labels[idx], mask), self.devices)))
+            correct = correct + np.asarray(c)  # psum'd: equal on every device
+            total = total + np.asarray(t)
         return correct / total

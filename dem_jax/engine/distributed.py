@@ -93,6 +93,28 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return True
 
 
+def define_flags() -> None:
+    """Defines `--coordinator_address`, `--num_processes` and `--process_id` (absl).
+
+    For an experiment's `main.py`; pass the parsed values to `initialize` before
+    any JAX work. Left unset, `initialize` reads the DEM_JAX_* variables.
+    """
+    from absl import flags
+    flags.DEFINE_string("coordinator_address", None,
+                        f"Several processes: host:port of process 0 (default: ${ENV_COORDINATOR}).")
+    flags.DEFINE_integer("num_processes", None,
+                         f"Several processes: how many (default: ${ENV_NUM_PROCESSES}).")
+    flags.DEFINE_integer("process_id", None,
+                         f"Several processes: this one's id (default: ${ENV_PROCESS_ID}).")
+
+
+def initialize_from_flags() -> bool:
+    """`initialize` with the values of the flags of `define_flags` (after absl parsed them)."""
+    from absl import flags
+    f = flags.FLAGS
+    return initialize(f.coordinator_address, f.num_processes, f.process_id)
+
+
 def process_shard(num_examples: int, devices=None) -> slice:
     """The rows of a global batch that this process feeds: `[p * B / P, (p + 1) * B / P)`.
 
