@@ -9,9 +9,9 @@ device gets `batch / devices` examples. For each device count:
 * source: `train.make_train_step` under `parallel.data_parallel` (gradients
   and BatchNorm statistics averaged over the devices), `--steps` steps, the
   batch transferred from the host every step as in `train_source`;
-* Tent+AdaDEM: `protocol.Runner`, a stream of `--steps` batches as one
-  compiled scan, as in the experiments (the state is replicated and the
-  metrics fetched once per stream).
+* Tent+AdaDEM: `protocol.Runner`, a stream of `--steps` batches, one
+  compiled step per batch, as in the experiments (the state is replicated and
+  the metrics fetched once per stream).
 
 Both are compiled and run once first; the time is the median of `--repeats`
 timed runs. Images are random: cnn 28x28x1 (MNIST size), resnet (ResNet-20)

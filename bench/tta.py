@@ -2,8 +2,8 @@
 
   python -m bench.tta [--models cnn,resnet] [--batch 128] [--batches 20] [--repeats 5]
 
-A stream of `--batches` batches of 32x32x3 random images runs as one compiled
-scan (as in the experiments); the median of `--repeats` timed runs after a
+A stream of `--batches` batches of 32x32x3 random images runs through
+`protocol.Runner` (one compiled step per batch, as in the experiments); the median of `--repeats` timed runs after a
 warm-up, the losses timed round-robin. Target: AdaDEM's step at most 1.05x
 EM's (the MEC update is a segment sum, O(B C), next to a forward and backward
 pass of the network).

@@ -145,9 +145,9 @@ def test_tta_runner_compiles_once_per_stream_shape(digits, backend, monkeypatch)
     variables = train_lib.models.init_variables(model, jax.random.key(0),
                                                 (1, *train.images.shape[1:]))
     traces = []
-    real = methods.make_stream_fn
+    real = methods.make_batch_fn
 
-    def counting_stream_fn(step, *, grid=False):
+    def counting_batch_fn(step, *, grid=False):
         run = real(step, grid=grid)
 
         def counted(*args):
@@ -155,7 +155,7 @@ def test_tta_runner_compiles_once_per_stream_shape(digits, backend, monkeypatch)
             return run(*args)
         return counted
 
-    monkeypatch.setattr(methods, "make_stream_fn", counting_stream_fn)
+    monkeypatch.setattr(methods, "make_batch_fn", counting_batch_fn)
     cfg = methods.AdaptConfig(method="tent", loss="adadem")
     runner = protocol.Runner(model, cfg, NUM_CLASSES, backend=backend)
     make = lambda: methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1)
@@ -165,5 +165,5 @@ def test_tta_runner_compiles_once_per_stream_shape(digits, backend, monkeypatch)
         domains.append(protocol.Domain(name, ds.images, ds.labels))
     protocol.run_domains(runner, make, domains, setting="continual", seed=0, batch_size=16)
     protocol.run_domains(runner, make, domains, setting="single", seed=1, batch_size=16)
-    assert len(traces) == 1, f"{backend}: the adaptation stream traced {len(traces)} times " \
-                             "for 6 streams of one shape"
+    assert len(traces) == 1, f"{backend}: the adaptation step traced {len(traces)} times " \
+                             "for 6 streams of one batch shape"

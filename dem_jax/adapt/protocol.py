@@ -8,9 +8,10 @@ continual settings, DEM*'s oracle search and the learning-rate sweep.
   Continual: one pass over the domains in the paper's order, no reset.
 * DEM* chooses (tau, alpha) per domain on a fixed labelled 20% of it and is
   scored on the other 80% (`labelled_split`).
-* Every stream runs as one compiled `lax.scan` per device; a grid of
-  hyperparameters (learning rates, DEM*'s (tau, alpha)) is a leading axis of
-  the state, vmapped, so the whole grid is one program.
+* Every batch of a stream runs one compiled step (dispatched asynchronously,
+  the metrics fetched once per stream); a grid of hyperparameters (learning
+  rates, DEM*'s (tau, alpha)) is a leading axis of the state, vmapped, so the
+  whole grid is one program.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class Runner:
         self.cfg = cfg
         self.grid = grid
         step = methods.make_adapt_step(model, cfg, num_classes)
-        self._run = parallel.data_parallel(methods.make_stream_fn(step, grid=grid),
-                                           backend=backend, devices=self.devices)
+        self._step = parallel.data_parallel(methods.make_batch_fn(step, grid=grid),
+                                            backend=backend, devices=self.devices,
+                                            donate_argnums=(0,))
 
     def __call__(self, state, images: np.ndarray, labels: np.ndarray):
         """Adapts along `[num_batches, batch, ...]`; returns (state, per-batch metrics).
@@ -109,10 +111,16 @@ class Runner:
         images, labels = images[:, cols], labels[:, cols]
         n_local = parallel.num_local_devices(self.devices)
         per = lambda x: np.moveaxis(x.reshape(x.shape[0], n_local, -1, *x.shape[2:]), 1, 0)
+        images, labels = per(images), per(labels)  # [local dev, nb, b / dev, ...]
         rep = parallel.replicate(state, n_local)
-        rep, metrics = self._run(rep, per(images), per(labels))
+        out = []
+        for t in range(images.shape[1]):  # dispatched asynchronously, fetched once below
+            rep, metrics = self._step(rep, images[:, t], labels[:, t])
+            out.append(metrics)
         state = parallel.unreplicate(rep)
-        # scan stacks batches first: [dev, nb, (grid,) ...] -> [(grid,) nb, ...]
+        out = jax.device_get(out)  # this process's device buffers: no program, no collective
+        metrics = {k: np.stack([m[k] for m in out], axis=1) for k in out[0]}
+        # [dev, nb, (grid,) ...] -> [(grid,) nb, ...]
         out = {k: np.asarray(v) for k, v in parallel.unreplicate(
             {k: metrics[k] for k in ("correct", "count", "loss", "selected")}).items()}
         preds = np.moveaxis(np.asarray(metrics["preds"]), 0, -2)  # [nb, (grid,) dev, b/dev]

@@ -83,7 +83,7 @@ def data_parallel(fn: Callable, *, backend: str = "pmap", devices=None,
         def per_device(*dyn):
             it = iter(jax.tree.map(lambda x: x[0], dyn))
             full = [statics[i] if i in statics else next(it) for i in range(len(args))]
-            return jax.tree.map(lambda x: x[None], fn(*full))
+            return jax.tree.map(lambda x: jnp.asarray(x)[None], fn(*full))
 
         return jax.shard_map(per_device, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS),
                              check_vma=False)(*dynamic)
