@@ -41,10 +41,10 @@ def setup():
     return train, noise, model, variables, tx
 
 
-def make_step(setup, loss, devices):
+def make_step(setup, loss, devices, backend="pmap"):
     _, _, model, _, tx = setup
     return parallel.data_parallel(noisy.make_train_step(model, tx, noisy.NoisyLossConfig(loss)),
-                                  devices=devices)
+                                  devices=devices, backend=backend)
 
 
 def batch_of(setup, idx):
@@ -91,24 +91,29 @@ def test_every_loss_runs_and_updates_its_state(setup, loss):
         assert not np.allclose(out.extra["mec"], losses.mec_init(NUM_CLASSES))
 
 
-def test_eight_devices_equal_one_device(setup, one_device_elr_adadem):
-    """One step on the same global batch: params, BN stats, ELR table, MEC, metrics."""
+@pytest.mark.parametrize("backend", parallel.BACKENDS)
+def test_eight_devices_equal_one_device(setup, one_device_elr_adadem, backend):
+    """3 steps on the same global batches: params, BN stats, ELR table, MEC, metrics."""
     assert len(jax.devices()) == 8
     loss = "elr+adadem"
     state = first_state(setup, loss)
-    idx = np.random.default_rng(0).permutation(len(setup[0]))[:64]
-    batch = batch_of(setup, idx)
-    one, m1 = one_device_elr_adadem(parallel.replicate(state, 1), *parallel.shard(batch, 1))
-    step8 = make_step(setup, loss, jax.devices())
-    eight, m8 = step8(parallel.replicate(state, 8), *parallel.shard(batch, 8))
+    order = np.random.default_rng(0).permutation(len(setup[0]))[:3 * 64]
+    steps = [batch_of(setup, order[k * 64:(k + 1) * 64]) for k in range(3)]
+    step8 = make_step(setup, loss, jax.devices(), backend)
+    one, eight = parallel.replicate(state, 1), parallel.replicate(state, 8)
+    for batch in steps:
+        one, m1 = one_device_elr_adadem(one, *parallel.shard(batch, 1))
+        eight, m8 = step8(eight, *parallel.shard(batch, 8))
+        tree_close(parallel.unreplicate(m1), parallel.unreplicate(m8), rtol=2e-5, atol=2e-6,
+                   err_msg=f"{backend}: metrics of 8 devices != 1 device")
     # Every device holds the same table and MEC after the all-gather / psum.
     for leaf in jax.tree.leaves(eight.extra):
         for d in range(1, 8):
             np.testing.assert_array_equal(leaf[0], leaf[d])
-    tree_close(parallel.unreplicate(one), parallel.unreplicate(eight), rtol=2e-5, atol=2e-6)
-    tree_close(parallel.unreplicate(m1), parallel.unreplicate(m8), rtol=2e-5, atol=2e-6)
+    tree_close(parallel.unreplicate(one), parallel.unreplicate(eight), rtol=2e-5, atol=2e-6,
+               err_msg=f"{backend}: state after 3 steps on 8 devices != 1 device")
     rows = np.asarray(eight.extra["elr_targets"][0])
-    assert np.all(rows[idx].sum(-1) > 0) and np.count_nonzero(rows.sum(-1)) == 64
+    assert np.all(rows[order].sum(-1) > 0) and np.count_nonzero(rows.sum(-1)) == 3 * 64
 
 
 def test_elr_table_is_indexed_by_example_not_batch_position(setup, one_device_elr_adadem):

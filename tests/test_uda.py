@@ -66,10 +66,10 @@ def test_every_method_with_every_loss_runs(exp, row):
 
 @pytest.mark.parametrize("row", ["minent+adadem", "shot_im+adadem", "dann+em"])
 def test_eight_devices_equal_one_device_on_the_global_batch(exp, row):
-    """BatchNorm statistics, the MEC, the marginal entropy and DANN's BCE are global."""
+    """After 3 steps: BatchNorm statistics, the MEC, the marginal entropy and DANN's BCE are global."""
     method, loss, _ = uda_lib.parse_row(row)
     state = exp.init_state(method, loss, 0)
-    batches = exp.batches(0, 0, 1)  # one step of 16 + 16 examples
+    batches = exp.batches(0, 0, 3)  # three steps of 16 + 16 examples
     out = {}
     for name, devices, backend in (("1 device", ONE, "pmap"),
                                    ("8 devices pmap", jax.devices()[:8], "pmap"),
