@@ -352,7 +352,7 @@ def plot_memorisation(path: str, units: dict, config) -> None:
     Both w.r.t. the given labels, mean over seeds; one panel per noise setting.
     """
     settings = list(config.noise)
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6),
+    fig, axes = plt.subplots(1, len(settings), figsize=(max(6.0, 4.5 * len(settings)), 3.8),
                              squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, s in zip(axes[0], settings):
