@@ -214,7 +214,11 @@ def test_missing_data_says_where_it_looked_and_how_to_get_it(no_default_data, tm
 @functools.cache
 def tfds_builders():
     """Small local tfds builders (array_record, Tensor features: no TensorFlow, no network)."""
-    tfds = pytest.importorskip("tensorflow_datasets")
+    # The `test` extra installs tensorflow-datasets, so CI runs these; only a
+    # hand-made environment without it skips them.
+    tfds = pytest.importorskip(
+        "tensorflow_datasets",
+        reason="the tfds path needs tensorflow-datasets: pip install -e '.[test]' (or '.[tfds]')")
 
     def examples(split):
         rng = np.random.default_rng({"train": 0, "validation": 1}[split])
