@@ -269,6 +269,37 @@ def test_huge_and_masked_class_logits_stay_finite(name):
                                 custom_message=f"{name}: -inf classes must act as absent")
 
 
+def test_pseudo_label_is_first_argmax_with_ties_masks_and_huge_logits():
+  # AdaDEM's pseudo-label is an arithmetic argmax (no select, see _common);
+  # it must agree with jnp.argmax, ties going to the first index.
+  from dem_jax.losses import _common
+  z = jnp.array([[0.0, 0.0, 0.0], [1.0, 3.0, 3.0], [-jnp.inf, 2.0, -jnp.inf],
+                 [-jnp.inf] * 3, [1e4, -1e4, 1e4 - 1e-3], [-5.0, -5.0, -4.9]])
+  z = jnp.concatenate([z, jax.random.normal(jax.random.key(0), (50, 3)) * 4])
+  got = _common.first_argmax(_common.shift(z)[0])
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(z, axis=-1)),
+                                err_msg="first_argmax must equal jnp.argmax (first index on ties)")
+
+
+def test_adadem_mec_row_is_renormalised_over_live_classes():
+  # With class 1 masked in one example, its MEC row is renormalised over the
+  # live classes: the gradient equals the surrogate's with that row.
+  mec = jnp.array([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
+  z = jnp.array([[2.0, -jnp.inf, 0.5], [0.1, 1.5, -0.3]])
+  g = jax.grad(lambda z: losses.adadem(z, mec, momentum=1e-6)[0].sum())(z)
+  new_mec = losses.adadem(z, mec, momentum=1e-6)[1]
+  for i, live in ((0, np.array([1.0, 0.0, 1.0])), (1, np.ones(3))):
+    zi = np.where(live > 0, np.asarray(z[i]), -np.inf)
+    p = np.exp(zi - zi.max()) / np.exp(zi - zi.max()).sum()
+    zc = np.where(live > 0, zi - zi.max(), 0.0)
+    reward = p * (zc - (p * zc).sum() + 1.0)
+    m = np.asarray(new_mec[int(np.argmax(zi))]) * live
+    m = m / m.sum()
+    want = (m - reward) / np.abs(reward).sum()
+    np.testing.assert_allclose(np.asarray(g[i]), want, atol=1e-6,
+                               err_msg=f"example {i}: AdaDEM gradient with a masked class")
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("name", list(ALL))
 def test_low_precision_inputs(name, dtype):

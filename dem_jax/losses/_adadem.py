@@ -123,64 +123,112 @@ def mec_update(mec, probs, pseudo_labels, *, momentum=0.1, where=None,
 
 def _norm(r, norm):
   if norm is None:
-    return jnp.ones(r.shape[:-1], r.dtype)
+    return jnp.ones(r.shape[:-1] + (1,), r.dtype)
   if norm == "l1":
-    return jnp.sum(jnp.abs(r), axis=-1)
+    return jnp.sum(jnp.abs(r), axis=-1, keepdims=True)
   if norm == "l2":
-    return jnp.sqrt(jnp.sum(r * r, axis=-1))
-  return jnp.max(jnp.abs(r), axis=-1)
+    return jnp.sqrt(jnp.sum(r * r, axis=-1, keepdims=True))
+  return jnp.max(jnp.abs(r), axis=-1, keepdims=True)
 
 
-def adadem_parts(z, m, *, norm, calibrator, delta_from):
-  """AdaDEM's value, gradient and delta for float32 `[..., C]` logits.
+def softmax_stats(z):
+  """The passes over `[..., C]` that every AdaDEM mode shares, done once.
 
-  `m` is the `[..., C]` MEC row of each example (ignored for the GMC).
+  Returns `(zc, e, inv, mean)` from `_common.shift` and `_common.exp_moments`:
+  `p = e * inv`, `E_p[zc] = mean`. `adadem` computes them (without gradient)
+  for the MEC update and hands the same arrays to the loss.
   """
-  zc, live, _ = _common.centre(z)
-  p, lse = _common.softmax(zc, live)
-  mean = jnp.sum(p * zc, axis=-1)
-  dev = jnp.where(live, zc - mean[..., None], 0.0)
-  cadf_reward = p * (dev + 1.0)  # -dT/dz; sums to 1 over classes
-  delta = _norm(cadf_reward if delta_from == "cadf" else p * dev, norm)
-  delta = jnp.maximum(delta, DELTA_FLOOR)
+  zc, _ = _common.shift(z)
+  return (zc,) + _common.exp_moments(zc)
+
+
+def _mec_row(m, zc):
+  """The MEC row renormalised over the live classes of its example.
+
+  Masked classes are left out of the calibrator and the row is renormalised
+  over the live ones, so that the gradient still sums to zero (shift
+  invariance); a row with all of its mass on masked classes becomes uniform
+  over the live ones. Arithmetic masks only (see `_common`).
+
+  Returns:
+    `(row, scale, empty)`: the `[..., C]` row (masked entries 0) and the
+    `[..., 1]` factors that rebuild it elementwise (`_mec_row_from`), so the
+    backward pass keeps those instead of another `[..., C]` array.
+  """
+  live = _common.live(zc)
+  total = jnp.sum(m * live, axis=-1, keepdims=True)
+  count = jnp.sum(live, axis=-1, keepdims=True)
+  empty = 1.0 - jnp.sign(total)            # total >= 0: 1 when it is 0
+  scale = 1.0 / (total + empty * count)
+  return _mec_row_from(m, zc, scale, empty), scale, empty
+
+
+def _mec_row_from(m, zc, scale, empty):
+  return (m + empty) * _common.live(zc) * scale
+
+
+def adadem_parts(stats, m, *, norm, calibrator, delta_from):
+  """AdaDEM's value, `1 / delta` and calibrator gradient from `softmax_stats`.
+
+  Args:
+    stats: `(zc, e, inv, mean)` of the float32 `[..., C]` logits.
+    m: `[..., C]` MEC row of each example (ignored for the GMC).
+
+  Returns:
+    value `[...]`, `inv_delta` `[..., 1]` and `row`: None for the GMC (whose
+    calibrator gradient is `p`), else `(scale, empty)` of `_mec_row`.
+  """
+  zc, e, inv, mean = stats
+  p = e * inv
+  dev = zc - mean
+  # The L1 norm of the CADF reward -dT/dz = p (dev + 1) (which sums to 1), or
+  # of p dev for AdaDEM-V. Masked classes: p = 0 and dev is finite, so 0.
+  delta = _norm(p * (dev + 1.0) if delta_from == "cadf" else p * dev, norm)
+  inv_delta = 1.0 / jnp.maximum(delta, DELTA_FLOOR)
   if calibrator == "gmc":
-    numerator = lse - mean       # T + logsumexp(z) = H
-    c_grad = p
+    numerator = -jnp.log(inv) - mean          # T + logsumexp(z) = H
+    row = None
   else:
-    # Masked classes are left out of the calibrator; the row is renormalised
-    # over the live classes so the gradient still sums to zero (shift
-    # invariance). m . z is computed on centred logits, exact because m sums to 1.
-    # (One multiply-add per element and float sums: XLA CPU's selects over
-    # [..., C] and integer reductions cost several times more.)
-    live_f = live.astype(jnp.float32)
-    m = m * live_f
-    total = jnp.sum(m, axis=-1, keepdims=True)
-    empty = total <= 0  # all of the row's mass on masked classes: uniform
-    scale = 1.0 / jnp.where(empty, jnp.sum(live_f, axis=-1, keepdims=True), total)
-    m = (m + jnp.where(empty, 1.0, 0.0) * live_f) * scale
-    numerator = jnp.sum(m * zc, axis=-1) - mean
-    c_grad = m
-  grad = (c_grad - cadf_reward) / delta[..., None]
-  return numerator / delta, grad, delta
+    c, *row = _mec_row(m, zc)
+    # m . z on the shifted logits: exact, since the row sums to 1.
+    numerator = jnp.sum(c * zc, axis=-1, keepdims=True) - mean
+  return (numerator * inv_delta)[..., 0], inv_delta, row
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _adadem(z, m, norm, calibrator, delta_from):
-  return adadem_parts(z, m, norm=norm, calibrator=calibrator,
+def _grad(stats, inv_delta, m, row):
+  """dL/dz = (c - p (zc - E_p[zc] + 1)) / delta: calibrator minus CADF reward.
+
+  `c` is the calibrator gradient: `p` for the GMC (`row` None), else the MEC
+  row `m` renormalised with `row = (scale, empty)` from `adadem_parts`.
+  """
+  zc, e, inv, mean = stats
+  p = e * inv
+  c = p if row is None else _mec_row_from(m, zc, *row)
+  return inv_delta * (c - p * (zc - mean + 1.0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _adadem(z, stats, m, norm, calibrator, delta_from):
+  del z
+  return adadem_parts(stats, m, norm=norm, calibrator=calibrator,
                       delta_from=delta_from)[0]
 
 
-def _adadem_fwd(z, m, norm, calibrator, delta_from):
-  value, grad, _ = adadem_parts(z, m, norm=norm, calibrator=calibrator,
-                                delta_from=delta_from)
-  return value, (grad, m)
+def _adadem_fwd(z, stats, m, norm, calibrator, delta_from):
+  del z
+  value, inv_delta, row = adadem_parts(stats, m, norm=norm, calibrator=calibrator,
+                                       delta_from=delta_from)
+  return value, (stats, inv_delta, m, row)
 
 
 def _adadem_bwd(norm, calibrator, delta_from, res, g):
   del norm, calibrator, delta_from
-  grad, m = res
-  # delta and the MEC row are constants of the backward pass (Algorithm 1).
-  return g[..., None] * grad, jnp.zeros_like(m)
+  stats, inv_delta, m, row = res
+  # delta and the MEC row are constants of the backward pass (Algorithm 1);
+  # `stats` are functions of z without gradient of their own (all of z's
+  # gradient is the closed form below).
+  dz = _grad(stats, g[..., None] * inv_delta, m, row)
+  return dz, jax.tree.map(jnp.zeros_like, stats), jnp.zeros_like(m)
 
 
 _adadem.defvjp(_adadem_fwd, _adadem_bwd)
@@ -248,19 +296,19 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
   z, mask = _common.to_examples(logits, axis, where, fn)
   num_classes = z.shape[-1]
   _check_mec(mec, num_classes, fn)
+  stats = softmax_stats(lax.stop_gradient(z))
   if calibrator == "gmc":
     new_mec = mec
     m = jnp.zeros((), jnp.float32)  # unused by the GMC
   else:
-    # The prediction and the probabilities, computed once for the MEC update
-    # and the row lookup: `first_argmax` is `argmax(z)` without XLA CPU's slow
-    # (value, index) reduction, and the shifted exp is the softmax.
-    zc, _ = _common.shift(lax.stop_gradient(z))
+    # The prediction and the probabilities come from the same shifted exp as
+    # the loss: `first_argmax` is `argmax(z)` without XLA CPU's slow (value,
+    # index) reduction.
+    zc, e, inv, _ = stats
     yhat = _common.first_argmax(zc)
-    e, inv, _ = _common.exp_moments(zc)
     flat_mask = None if mask is None else mask.reshape(-1)
     new_mec = mec_update(mec, (e * inv).reshape(-1, num_classes), yhat.reshape(-1),
                          momentum=momentum, where=flat_mask, axis_name=axis_name)
     m = new_mec.astype(jnp.float32)[yhat]
-  value = _adadem(z, m, norm, calibrator, delta_from)
+  value = _adadem(z, stats, m, norm, calibrator, delta_from)
   return _common.apply_mask(value, mask), new_mec

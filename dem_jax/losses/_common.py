@@ -140,10 +140,13 @@ def softmax(zc: jax.Array, live: jax.Array, tau=1.0):
 
 # --------------------------------------------------------------------------
 # The fast path of the losses with closed-form gradients (`entropy`, `cadf`,
-# `gmc`, `dem`, `adadem`). On XLA CPU a reduction is not fused with the
-# elementwise work that feeds it, and `exp` is the costliest elementwise op,
-# so these helpers compute each `exp` over [..., C] once and keep it for the
-# backward pass, and mask with one clamp instead of selects.
+# `gmc`, `dem`, `adadem`). XLA's CPU backend fuses a chain of elementwise ops
+# and row reductions over [..., C] into one kernel (a YNNPACK fusion) only when
+# it has no select or compare on [..., C]; each select materialises a full
+# [..., C] temporary, and past 32 MiB of temporaries glibc hands every call
+# fresh pages (thousands of page faults per call). So these helpers mask with
+# `maximum` clamps and `sign` instead of `jnp.where`, and compute each `exp`
+# over [..., C] once.
 # --------------------------------------------------------------------------
 
 # Masked (-inf) classes are clamped to the lowest float32 after centring:
@@ -162,6 +165,9 @@ def shift(z: jax.Array):
     zmax: [..., 1] the maximum (0 if every class is masked).
   """
   zmax = jnp.max(z, axis=-1, keepdims=True)
+  # A select on the [..., 1] maximum, not on [..., C]: it keeps the maximum a
+  # reduction of its own (fused with the subtraction, a YNNPACK kernel runs
+  # the reduction and its broadcast consumer several times slower).
   zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
   return jnp.maximum(z - zmax, LOWEST), zmax
 
@@ -182,18 +188,28 @@ def exp_moments(zc: jax.Array, tau=1.0):
   return e, inv, mean
 
 
+def live(zc: jax.Array) -> jax.Array:
+  """1.0 for live classes and 0.0 for masked ones, from `shift`'s `zc`.
+
+  `zc - LOWEST` is exactly 0 for a masked class and positive otherwise; its
+  sign is the mask without a compare.
+  """
+  return jnp.sign(zc - LOWEST)
+
+
 def first_argmax(zc: jax.Array) -> jax.Array:
   """`argmax` of shifted logits (`zc` from `shift`): the first index with zc == 0.
 
   `jnp.argmax` is a (value, index) reduction that XLA CPU runs about 8x slower
-  than a plain float min (integer reductions are slow there too, hence float
-  indices, exact up to 2^24 classes). `z - max z == 0` exactly where
-  `z == max z`, so the smallest such index is the same first argmax. An
-  example with every class masked has none and gets 0, as `jnp.argmax` gives.
+  than a plain float min, and a select would materialise `[..., C]`; here
+  `iota - sign(zc) C` is the index at the maxima (`zc == 0`) and at least C
+  elsewhere, so its minimum is the first argmax (float indices: exact while
+  `2 C <= 2^24`). An example with every class masked has none and gets 0, as
+  `jnp.argmax` gives.
   """
   num_classes = zc.shape[-1]
-  if num_classes > 2**24:
+  if 2 * num_classes > 2**24:
     return jnp.argmax(zc, axis=-1)
   iota = lax.broadcasted_iota(jnp.float32, zc.shape, zc.ndim - 1)
-  first = jnp.min(jnp.where(zc == 0.0, iota, float(num_classes)), axis=-1)
+  first = jnp.min(iota - jnp.sign(zc) * num_classes, axis=-1)
   return jnp.where(first < num_classes, first, 0.0).astype(jnp.int32)

@@ -51,8 +51,11 @@ def rewards(logits, *, tau=1.0, alpha=1.0, mec=None, axis: int = -1) -> dict[str
   _, cadf_grad, _ = _dem.cadf_parts(zc, live, 1.0)
   _, dem_grad, _ = _dem.cadf_parts(zc, live, tau)
   m = mec.astype(jnp.float32)[jnp.argmax(z, axis=-1)]
-  _, ada_grad, delta = _adadem.adadem_parts(z, m, norm="l1", calibrator="mec",
-                                             delta_from="cadf")
+  stats = _adadem.softmax_stats(z)
+  _, inv_delta, row = _adadem.adadem_parts(stats, m, norm="l1", calibrator="mec",
+                                           delta_from="cadf")
+  ada_grad = _adadem._grad(stats, inv_delta, m, row)
+  delta = 1.0 / inv_delta[..., 0]
   out = {
       "cadf": -cadf_grad,
       "gmc": -p,
