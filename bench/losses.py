@@ -215,6 +215,17 @@ def _round(fn, args, inner):
   return (time.perf_counter() - t0) / inner, (time.process_time() - c0) / inner
 
 
+def temp_mib(jitted, args):
+  """XLA's temporary buffer for one call of `jitted`, in MiB (outputs excluded).
+
+  On CPU this matters beyond its size: glibc serves allocations over 32 MiB
+  with fresh pages on every call, and faulting them in can cost more than the
+  arithmetic (see the README's benchmark notes).
+  """
+  stats = jitted.lower(*args).compile().memory_analysis()
+  return (stats.temp_size_in_bytes if stats is not None else 0) / 2**20
+
+
 def time_round_robin(entries, repeats, round_ms, max_inner):
   """entries: {key: (fn, args)} -> ({key: median wall s}, {key: median CPU s}, inner).
 
@@ -353,13 +364,15 @@ def main(argv=None):
       # that each row's ratios compare timings taken under the same load.
       entries = {"ours": (fns["ours"], fargs), "naive": (fns["naive"], fargs), "ce": ce}
       med, cpu, inner = time_round_robin(entries, repeats, args.round_ms, args.max_inner)
+      temp = temp_mib(fns["ours"], fargs)
       ce_time = med["ce"]
       row = dict(shape=label, loss=name, ours_ms=1e3 * med["ours"],
                  naive_ms=1e3 * med["naive"], ce_ms=1e3 * ce_time,
                  cpu_ours_ms=1e3 * cpu["ours"], cpu_naive_ms=1e3 * cpu["naive"],
                  cpu_ce_ms=1e3 * cpu["ce"],
                  inner_ours=inner["ours"], inner_naive=inner["naive"],
-                 repeats=repeats, accurate=ok, err64_ours=err_o, err64_naive=err_n)
+                 repeats=repeats, accurate=ok, err64_ours=err_o, err64_naive=err_n,
+                 temp_mib_ours=temp)
       row["ours_ce"] = row["ours_ms"] / row["ce_ms"]
       row["ours_naive"] = row["ours_ms"] / row["naive_ms"]
       rows.append(row)
@@ -369,8 +382,8 @@ def main(argv=None):
             f"| grad err vs float64: ours {err_o[1]:.1e}, naive {err_n[1]:.1e}", flush=True)
       del fns
 
-  table = ["| shape | loss | ours (ms) | naive (ms) | CE (ms) | ours/CE | ours/naive |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+  table = ["| shape | loss | ours (ms) | naive (ms) | CE (ms) | ours/CE | ours/naive | ours temp (MiB) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
   misses = []
   for r in rows:
     miss = []
@@ -383,7 +396,8 @@ def main(argv=None):
     table.append(
         f"| {r['shape']} | {r['loss']} | {r['ours_ms']:.3f} | {r['naive_ms']:.3f} | "
         f"{r['ce_ms']:.3f} | {r['ours_ce']:.2f}{flag if r['ours_ce'] > CE_TARGET else ''} | "
-        f"{r['ours_naive']:.2f}{flag if r['ours_naive'] > NAIVE_TARGET else ''} |")
+        f"{r['ours_naive']:.2f}{flag if r['ours_naive'] > NAIVE_TARGET else ''} | "
+        f"{r['temp_mib_ours']:.0f} |")
     if miss:
       misses.append(f"{r['shape']} {r['loss']}: " + "; ".join(miss))
   total = time.perf_counter() - start
