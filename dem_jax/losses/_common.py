@@ -107,37 +107,6 @@ def apply_mask(values: jax.Array, mask) -> jax.Array:
   return values if mask is None else jnp.where(mask, values, 0.0)
 
 
-def centre(z: jax.Array):
-  """Logits centred on their per-example maximum, with masked classes at 0.
-
-  Args:
-    z: float32 [..., C]; `-inf` marks a masked class.
-
-  Returns:
-    zc: [..., C] `z - max(z)` for live classes and 0 for masked ones, so that
-      `p * zc` is 0 (not NaN) where `p` is 0;
-    live: bool [..., C], False for masked classes;
-    zmax: [...] the maximum (0 if every class is masked).
-  """
-  live = z > -jnp.inf
-  zmax = jnp.max(jnp.where(live, z, -jnp.inf), axis=-1)
-  zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
-  zc = jnp.where(live, z - zmax[..., None], 0.0)
-  return zc, live, zmax
-
-
-def softmax(zc: jax.Array, live: jax.Array, tau=1.0):
-  """`softmax(z / tau)` and `logsumexp(zc / tau)` of centred logits.
-
-  The live maximum of `zc` is 0, so `logsumexp = log sum exp(zc / tau)` needs
-  no second shift (`jax.nn.logsumexp` would take the maximum again).
-  """
-  e = jnp.where(live, jnp.exp(zc / tau), 0.0)
-  total = jnp.sum(e, axis=-1)
-  lse = jnp.log(total)
-  return e / jnp.where(total > 0, total, 1.0)[..., None], lse
-
-
 # --------------------------------------------------------------------------
 # The fast path of the losses with closed-form gradients (`entropy`, `cadf`,
 # `gmc`, `dem`, `adadem`). XLA's CPU backend fuses a chain of elementwise ops

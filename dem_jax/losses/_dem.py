@@ -36,22 +36,6 @@ from dem_jax.losses import _common
 # --------------------------------------------------------------------------
 
 
-def cadf_parts(zc, live, tau):
-  """CADF of centred logits (`zc` and `live` from `_common.centre`).
-
-  Returns:
-    t: [...] `-sum_i q_i zc_i` (T_tau of the centred logits; add `-max z`);
-    grad: [..., C] dT_tau/dz;
-    dtau: [...] dT_tau/dtau = Var_q[z] / tau^2.
-  """
-  q, _ = _common.softmax(zc, live, tau)
-  mean = jnp.sum(q * zc, axis=-1)
-  dev = jnp.where(live, zc - mean[..., None], 0.0)
-  grad = -(q / tau) * (dev + tau)
-  dtau = jnp.sum(q * dev * dev, axis=-1) / (tau * tau)
-  return -mean, grad, dtau
-
-
 def _decoupled_forward(z, tau, alpha, mode):
   """The value and the backward residuals.
 

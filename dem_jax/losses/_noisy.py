@@ -98,9 +98,9 @@ def _examples(logits, labels, axis, where, fn):
 
 def _log_probs(z):
   """`log softmax(z)` and `softmax(z)`; `-inf` classes give `-inf` and 0."""
-  zc, live, _ = _common.centre(z)
-  p, lse = _common.softmax(zc, live)
-  return jnp.where(live, zc - lse[..., None], -jnp.inf), p
+  zc, _ = _common.shift(z)
+  e, inv, _ = _common.exp_moments(zc)
+  return jnp.where(zc > _common.LOWEST, zc + jnp.log(inv), -jnp.inf), e * inv
 
 
 def _log_p_label(log_p, labels):

@@ -13,7 +13,7 @@ from dem_jax.losses import _dem
 def rewards(logits, *, tau=1.0, alpha=1.0, mec=None, axis: int = -1) -> dict[str, jax.Array]:
   r"""The reward `-dL/dz` that each loss puts on each logit.
 
-  Computed from the same closed forms as the losses' backward passes:
+  Computed by the losses' own backward passes (their closed forms):
 
     cadf:   p_i (z_i - E_p[z] + 1)                       (CADF at tau = 1)
     gmc:    -p_i
@@ -46,23 +46,23 @@ def rewards(logits, *, tau=1.0, alpha=1.0, mec=None, axis: int = -1) -> dict[str
   if mec is None:
     mec = _adadem.mec_init(num_classes)
   _adadem._check_mec(mec, num_classes, fn)
-  zc, live, _ = _common.centre(z)
-  p, _ = _common.softmax(zc, live)
-  _, cadf_grad, _ = _dem.cadf_parts(zc, live, 1.0)
-  _, dem_grad, _ = _dem.cadf_parts(zc, live, tau)
-  m = mec.astype(jnp.float32)[jnp.argmax(z, axis=-1)]
+  def minus_grad(loss):
+    # Every loss is per example, so the gradient of the sum is each
+    # example's own gradient.
+    return -jax.grad(lambda z: jnp.sum(loss(z)))(z)
+
   stats = _adadem.softmax_stats(z)
+  m = mec.astype(jnp.float32)[_common.first_argmax(stats[0])]
   _, inv_delta, row = _adadem.adadem_parts(stats, m, norm="l1", calibrator="mec",
                                            delta_from="cadf")
-  ada_grad = _adadem._grad(stats, inv_delta, m, row)
-  delta = 1.0 / inv_delta[..., 0]
   out = {
-      "cadf": -cadf_grad,
-      "gmc": -p,
-      "em": -(cadf_grad + p),
-      "dem": -(dem_grad + alpha * p),
-      "adadem": -ada_grad,
+      "cadf": minus_grad(lambda z: _dem.cadf(z, 1.0)),
+      "gmc": minus_grad(lambda z: _dem.gmc(z, 1.0)),
+      "em": minus_grad(_dem.entropy),
+      "dem": minus_grad(lambda z: _dem.dem(z, tau, alpha)),
+      "adadem": -_adadem._grad(stats, inv_delta, m, row),
   }
+  delta = 1.0 / inv_delta[..., 0]
   axis = _common.check_logits(logits, axis, fn)
   out = {k: jnp.moveaxis(v, -1, axis) for k, v in out.items()}
   out["delta"] = delta
