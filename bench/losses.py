@@ -406,6 +406,12 @@ def main(argv=None):
   print()
   print("\n".join(table))
   print()
+  big = [f"{r['shape']} {r['loss']}" for r in rows if r["temp_mib_ours"] > 32]
+  if big and jax.default_backend() == "cpu" and "hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+    notes.append(
+        f"{', '.join(big)} use over 32 MiB of XLA temporaries, which glibc maps afresh on every "
+        "call (page faults); GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment (glibc >= "
+        "2.35) backs them with huge pages instead (see the README)")
   for note in notes:
     print(f"Note: {note}.")
   for p in problems:
