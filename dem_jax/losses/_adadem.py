@@ -209,6 +209,11 @@ def _grad(stats, inv_delta, m, row):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _adadem(z, stats, m, norm, calibrator, delta_from):
+  """AdaDEM's value from `softmax_stats(z)`; `z` is here to receive the gradient.
+
+  The value needs only `stats` (computed once in `adadem`, without gradient);
+  the backward pass gives `z` the whole closed-form gradient.
+  """
   del z
   return adadem_parts(stats, m, norm=norm, calibrator=calibrator,
                       delta_from=delta_from)[0]

@@ -12,7 +12,6 @@ from experiments.configs import uda_default
 def get_config():
     c = uda_default.get_config()
     c.pairs = ("mnist->mnist_m",)
-    c.model_kwargs = {"width": 16, "hidden": 64}    # the default's CNN, sized for a CPU
     c.source.epochs = 4
     c.source.batch_size = 128
     c.batch_size = 64                     # per domain per step
