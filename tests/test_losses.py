@@ -146,6 +146,44 @@ def test_forward_mode_raises_clear_type_error():
     jax.jvp(losses.entropy, (jnp.zeros((2, 3)),), (jnp.ones((2, 3)),))
 
 
+@pytest.mark.parametrize("name,fn,ref", [
+    ("entropy", lambda z: losses.entropy(z), ref_entropy),
+    ("cadf", lambda z: losses.cadf(z, 1.3), lambda z: ref_cadf(z, 1.3)),
+    ("gmc", lambda z: losses.gmc(z, 0.8), lambda z: ref_gmc(z, 0.8)),
+    ("dem", lambda z: losses.dem(z, 1.3, 0.8), lambda z: ref_dem(z, 1.3, 0.8)),
+])
+def test_hessian_of_closed_form_losses_is_the_true_one(name, fn, ref):
+  # jax.hessian is forward over reverse: it differentiates the closed-form
+  # backward pass, which must then give the Hessian of the plain formula.
+  z = logits((2, 4), seed=9, scale=1.0)
+  h = jax.hessian(lambda z: jnp.sum(fn(z)))(z)
+  h_ref = jax.hessian(lambda z: jnp.sum(ref(z)))(z)
+  chex.assert_trees_all_close(h, h_ref, atol=1e-5,
+                              custom_message=f"jax.hessian of {name} differs from autodiff's")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_adadem_second_derivatives_raise_instead_of_silent_zeros(mode):
+  # AdaDEM's gradient holds delta and the MEC row constant: it is not the
+  # gradient of a function, so its Hessian does not exist. Before the guard
+  # jax.hessian returned zeros without a word.
+  z, mec = logits((2, 4), seed=9), losses.mec_init(4)
+  with pytest.raises(TypeError, match="second derivatives"):
+    jax.hessian(lambda z: jnp.sum(losses.adadem(z, mec, **MODES[mode])[0]))(z)
+
+
+def test_adadem_norm_runs_without_a_mec_state():
+  z = logits((6, 5), seed=10)
+  opts = MODES["AdaDEM-Norm"]
+  loss, state = losses.adadem(z, None, **opts)
+  assert state is None, "AdaDEM-Norm with mec=None must hand back None"
+  chex.assert_trees_all_close(loss, losses.adadem(z, losses.mec_init(5), **opts)[0],
+                              custom_message="AdaDEM-Norm must not depend on the MEC state")
+  g = jax.grad(lambda z: jnp.sum(losses.adadem(z, None, **opts)[0]))(z)
+  g_ref = jax.grad(surrogate)(z, None, opts["norm"], opts["calibrator"], opts["delta_from"])
+  chex.assert_trees_all_close(g, g_ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("norm", ["l1", "l2", "linf", None])
 def test_adadem_gradient_equals_stop_gradient_surrogate(mode, norm):
@@ -433,6 +471,7 @@ def test_dem_valid_region_and_warning():
      ValueError, "momentum"),
     (lambda: losses.adadem(jnp.zeros((2, 3)), losses.mec_init(4)), ValueError, r"\(C, C\)"),
     (lambda: losses.adadem(jnp.zeros((2, 3)), jnp.zeros((3,))), ValueError, r"\(C, C\)"),
+    (lambda: losses.adadem(jnp.zeros((2, 3)), None), ValueError, "mec_init\\(3\\)"),
     (lambda: losses.adadem(jnp.zeros((2, 3)), losses.mec_init(3), norm="l3"), ValueError, "norm"),
     (lambda: losses.adadem(jnp.zeros((2, 3)), losses.mec_init(3), calibrator="x"),
      ValueError, "calibrator"),

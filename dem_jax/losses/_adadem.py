@@ -103,7 +103,11 @@ def mec_update(mec, probs, pseudo_labels, *, momentum=0.1, where=None,
     The new `[C, C]` state, dtype of `mec`.
 
   Example:
-    >>> mec = losses.mec_update(losses.mec_init(3), jax.nn.softmax(z), z.argmax(-1))
+    >>> z = jnp.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    >>> losses.mec_update(losses.mec_init(3), jax.nn.softmax(z), z.argmax(-1))
+    Array([[0.37869862, 0.3106507 , 0.3106507 ],
+           [0.30452785, 0.3909443 , 0.30452785],
+           [0.33333334, 0.33333334, 0.33333334]], dtype=float32)
   """
   num_classes = mec.shape[0]
   probs = lax.stop_gradient(probs.astype(jnp.float32))
@@ -207,6 +211,31 @@ def _grad(stats, inv_delta, m, row):
   return inv_delta * (c - p * (zc - mean + 1.0))
 
 
+@jax.custom_jvp
+def _first_order_only(dz, z):
+  """`dz`, AdaDEM's gradient at `z`, in a form that refuses to be differentiated.
+
+  AdaDEM's gradient holds delta and the MEC row constant (Algorithm 1), so it
+  is not the gradient of any function of the logits and has no Hessian.
+  Without this guard `jax.hessian` would silently give zeros: the softmax
+  statistics reach the backward pass without gradient, so only `z` (unused in
+  the value) carries the tangent that makes the rule below fire.
+  """
+  del z
+  return dz
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+  del primals, tangents
+  raise TypeError(
+      "adadem: second derivatives (jax.hessian, jax.jacfwd or jvp of its "
+      "gradient) are not defined: AdaDEM's gradient holds delta and the MEC "
+      "row constant (Algorithm 1), so it is not the gradient of a function of "
+      "the logits. For a second-order quantity, differentiate Algorithm 1's "
+      "surrogate -sum((p - sg(m)) z) / sg(delta) with plain autodiff.")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _adadem(z, stats, m, norm, calibrator, delta_from):
   """AdaDEM's value from `softmax_stats(z)`; `z` is here to receive the gradient.
@@ -220,19 +249,18 @@ def _adadem(z, stats, m, norm, calibrator, delta_from):
 
 
 def _adadem_fwd(z, stats, m, norm, calibrator, delta_from):
-  del z
   value, inv_delta, row = adadem_parts(stats, m, norm=norm, calibrator=calibrator,
                                        delta_from=delta_from)
-  return value, (stats, inv_delta, m, row)
+  return value, (z, stats, inv_delta, m, row)
 
 
 def _adadem_bwd(norm, calibrator, delta_from, res, g):
   del norm, calibrator, delta_from
-  stats, inv_delta, m, row = res
+  z, stats, inv_delta, m, row = res
   # delta and the MEC row are constants of the backward pass (Algorithm 1);
   # `stats` are functions of z without gradient of their own (all of z's
   # gradient is the closed form below).
-  dz = _grad(stats, g[..., None] * inv_delta, m, row)
+  dz = _first_order_only(_grad(stats, g[..., None] * inv_delta, m, row), z)
   return dz, jax.tree.map(jnp.zeros_like, stats), jnp.zeros_like(m)
 
 
@@ -265,16 +293,19 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
   The MEC state is updated first (see `mec_update`), from the global batch
   when `axis_name` is given, and the loss uses the updated rows. The backward
   pass adds the normalised CADF reward and the calibrator gradient; delta and
-  `m` get no gradient. Reverse mode only.
+  `m` get no gradient. Reverse mode only; second derivatives raise TypeError
+  (the gradient holds delta and `m` constant, so it has no Hessian).
 
   Modes: AdaDEM (defaults); AdaDEM-Norm `calibrator="gmc"` (value `H / delta`,
-  state returned unchanged); AdaDEM-MEC `norm=None` (`delta = 1`); AdaDEM-V
+  state returned unchanged; `mec` may be None, so that very many classes need
+  no `(C, C)` array); AdaDEM-MEC `norm=None` (`delta = 1`); AdaDEM-V
   `delta_from="entropy"` (`delta = ||p (z - E_p z)||`, floored at 1e-6).
 
   Args:
     logits: float `[..., num_classes]` (class axis at `axis`); pixel-wise
       `[B, H, W, C]` treats every pixel as an example (one MEC per model).
-    mec: `[C, C]` MEC state from `mec_init` (or the previous call).
+    mec: `[C, C]` MEC state from `mec_init` (or the previous call); None is
+      allowed with `calibrator="gmc"` only.
     momentum: pi in (0, 1]; 0.1 in the paper, 0.01 for continual TTA.
     norm: "l1", "l2", "linf" or None.
     calibrator: "mec" or "gmc".
@@ -286,7 +317,8 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
       reduced; None on one device.
 
   Returns:
-    `(loss, new_mec)`: float32 `[...]` per-example loss and the `[C, C]` state.
+    `(loss, new_mec)`: float32 `[...]` per-example loss and the `[C, C]` state
+    (`mec` itself, possibly None, for the GMC).
 
   Example:
     >>> mec = losses.mec_init(10)
@@ -300,7 +332,13 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
   momentum = _check_momentum(momentum, fn)
   z, mask = _common.to_examples(logits, axis, where, fn)
   num_classes = z.shape[-1]
-  _check_mec(mec, num_classes, fn)
+  if mec is None and calibrator == "mec":
+    raise ValueError(
+        f"{fn}: calibrator='mec' needs the MEC state, got mec=None. Create it "
+        f"with losses.mec_init({num_classes}) and pass back the state each "
+        "call returns; only calibrator='gmc' (AdaDEM-Norm) runs without one.")
+  if mec is not None:
+    _check_mec(mec, num_classes, fn)
   stats = softmax_stats(lax.stop_gradient(z))
   if calibrator == "gmc":
     new_mec = mec

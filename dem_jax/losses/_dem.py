@@ -14,8 +14,10 @@ The gradients are written out (`jax.custom_vjp`) from their closed forms, with
     dQ_alpha/dz_i = alpha p_i
 
 The backward pass computes the CADF reward `-dT/dz` and the calibrator
-gradient separately and adds them. Reverse mode only: `jax.grad`, `jax.vjp`,
-`jax.jacrev` work; `jax.jvp`, `jax.jacfwd` and `jax.hessian` raise TypeError.
+gradient separately and adds them (for the entropy, in closed form). Reverse
+mode only: `jax.grad`, `jax.vjp`, `jax.jacrev` work; `jax.jvp` and `jax.jacfwd`
+raise TypeError. `jax.hessian` (forward over reverse) differentiates the
+closed-form backward pass and gives the true Hessian.
 """
 
 from __future__ import annotations
@@ -144,8 +146,10 @@ def entropy(logits, *, axis: int = -1, where=None) -> jax.Array:
     H(z) = -\sum_i p_i \log p_i, \quad p = \mathrm{softmax}(z),
     \qquad \partial H / \partial z_i = -p_i (z_i - E_p[z]).
 
-  The backward pass adds the CADF gradient `-p_i (z_i - E_p[z] + 1)` and the
-  GMC gradient `p_i`. Reverse mode only (`jax.grad`, `jax.vjp`).
+  The gradient is the CADF gradient `-p_i (z_i - E_p[z] + 1)` plus the GMC
+  gradient `p_i`, added in closed form (`-p_i (z_i - E_p[z])`, which spares a
+  cancellation); `dem(z, 1, 1)` computes the same two terms apart. Reverse
+  mode only (`jax.grad`, `jax.vjp`; `jax.hessian` works, forward over reverse).
 
   Args:
     logits: float array `[..., num_classes, ...]`, class axis at `axis`; any
@@ -161,7 +165,7 @@ def entropy(logits, *, axis: int = -1, where=None) -> jax.Array:
   Example:
     >>> from dem_jax import losses
     >>> losses.entropy(jnp.array([[0.0, 0.0], [10.0, 0.0]]))
-    Array([6.931472e-01, 4.993962e-04], dtype=float32)
+    Array([6.9314718e-01, 4.9939845e-04], dtype=float32)
   """
   return _run(logits, 1.0, 1.0, "entropy", axis, where, "entropy")
 
