@@ -3,7 +3,7 @@
 # pmap / shard_map uses every local GPU, so nothing here splits the work).
 #
 #   launch/gpu.sh --experiment=tta --config=experiments/configs/cifar10_c.py --workdir=/tmp/dem_run \
-#       [--venv=.venv] [--python=python3.11] [--extra-flags="--config.seed=1"] [--dry-run]
+#       [--venv=.venv] [--python=python3.11] [--extra-flags="--config.seeds=(0,1)"] [--dry-run]
 #
 # Makes the virtualenv if it is missing, installs jax[cuda12] pinned to the project's jax plus the
 # project into it, then runs `python -m experiments.<experiment>`. A virtualenv that already has the

@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="config file relative to the repository root")
     parser.add_argument("--workdir", required=True, help="workdir on the TPU workers")
     parser.add_argument("--extra-flags", default="",
-                        help='more flags for the experiment, e.g. "--config.seed=1"')
+                        help='more flags for the experiment, e.g. "--config.seeds=(0,1)"')
     parser.add_argument("--results-dir", default="./results",
                         help="local folder that receives worker 0's workdir")
     parser.add_argument("--python", default="3.11", help="Python version of the remote venv")

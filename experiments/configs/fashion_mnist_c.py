@@ -6,7 +6,7 @@ Needs the Debian package `dataset-fashion-mnist` (or DEM_JAX_FASHION_MNIST_DIR):
 Sized for a 2-core CPU (about 45 minutes there, beside other jobs): a fixed 2,000-image subset of the test
 split per corruption, a small CNN, the paper's rows without the sample-selecting
 methods, a 6-point learning-rate grid and a DEM* grid of step 0.2 (91 points
-inside Prop. A.1's region instead of 365 at step 0.1). On a GPU or TPU set
+inside Prop. A.1's region instead of 350 at step 0.1). On a GPU or TPU set
 `max_test_examples = 0` for all 10,000.
 """
 

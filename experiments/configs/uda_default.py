@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dem_alpha = 1.0
 
     # DEM*: coarse grid (step 0.5: 16 points inside Prop. A.1) instead of the paper's
-    # 0.1 (365 points) so that the search costs about two rows' time on a CPU.
+    # 0.1 (350 points) so that the search costs about two rows' time on a CPU.
     # grid_chunk = grid points per vmapped program. On an accelerator use the whole
     # grid (one program); on XLA's CPU backend vmapping the convolutions over grid
     # points (grouped convolutions) made a 16-point step far slower than 16 single
