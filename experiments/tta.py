@@ -25,14 +25,13 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from dem_jax.engine import distributed  # imports jax, starts nothing
+from experiments import cli
 
 FLAGS = flags.FLAGS
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "default.py"),
-                                "ml_collections config file.", lock_config=True)
+cli.define_config(os.path.join(_HERE, "configs", "default.py"))
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
 distributed.define_flags()
 
@@ -42,6 +41,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (where results and checkpoints go).")
+    cli.check_overrides(FLAGS["config"])
     distributed.initialize_from_flags()  # before any JAX work
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from experiments import tta_lib  # after flag parsing: JAX starts here
