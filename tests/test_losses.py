@@ -141,9 +141,16 @@ def test_hyperparameter_gradients_are_true_ones():
                               custom_message="d dem / d(tau, alpha) must be exact")
 
 
-def test_forward_mode_raises_clear_type_error():
-  with pytest.raises(TypeError):
-    jax.jvp(losses.entropy, (jnp.zeros((2, 3)),), (jnp.ones((2, 3)),))
+@pytest.mark.parametrize("name", ["entropy", "cadf", "gmc", "dem", "adadem"])
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
+def test_forward_mode_raises_clear_type_error(name, transform):
+  fn = ALL[name]
+  z = jnp.zeros((2, 3))
+  with pytest.raises(TypeError, match="forward-mode|jvp"):
+    if transform == "jvp":
+      jax.jvp(fn, (z,), (jnp.ones_like(z),))
+    else:
+      jax.jacfwd(fn)(z)
 
 
 @pytest.mark.parametrize("name,fn,ref", [
@@ -184,10 +191,22 @@ def test_adadem_norm_runs_without_a_mec_state():
   chex.assert_trees_all_close(g, g_ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("norm", ["l1", "l2", "linf", None])
+def _distinct_adadem_options():
+  """Every mode with every norm, each distinct option set once (`norm=None` makes
+  AdaDEM, AdaDEM-MEC and AdaDEM-V the same loss: delta = 1)."""
+  cases = {}
+  for mode, opts in MODES.items():
+    for norm in ("l1", "l2", "linf", None):
+      o = dict(opts, norm=None if mode == "AdaDEM-MEC" else norm)
+      key = (o["norm"], o["calibrator"], o["delta_from"] if o["norm"] else None)
+      label = "AdaDEM-MEC" if key == (None, "mec", None) else mode
+      cases.setdefault(key, (label, o["norm"]))
+  return sorted(cases.values(), key=str)
+
+
+@pytest.mark.parametrize("mode,norm", _distinct_adadem_options())
 def test_adadem_gradient_equals_stop_gradient_surrogate(mode, norm):
-  opts = dict(MODES[mode], norm=norm if mode != "AdaDEM-MEC" else None)
+  opts = dict(MODES[mode], norm=norm)
   z = logits((8, 5), seed=5)
   mec0 = losses.mec_init(5)
   loss, new_mec = losses.adadem(z, mec0, **opts)
@@ -346,6 +365,10 @@ def test_low_precision_inputs(name, dtype):
   g = jax.grad(lambda z: ALL[name](z).sum())(z.astype(dtype))
   assert v.dtype == jnp.float32, f"{name} must compute in float32, got {v.dtype}"
   assert g.dtype == dtype, f"{name} gradient must come back in the input dtype {dtype}"
+  v32 = ALL[name](z.astype(dtype).astype(jnp.float32))
+  chex.assert_trees_all_close(v, v32, atol=1e-6, rtol=1e-6,
+                              custom_message=f"{name} on {dtype} logits must equal float32 math "
+                                             "on the same (rounded) logits")
   g32 = jax.grad(lambda z: ALL[name](z).sum())(z.astype(dtype).astype(jnp.float32))
   chex.assert_trees_all_close(g.astype(jnp.float32), g32, atol=2e-2, rtol=2e-2)
 

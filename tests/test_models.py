@@ -208,7 +208,13 @@ def test_bfloat16_computes_in_bf16_and_returns_float32(model_id):
     bf16_variables = jax.eval_shape(lambda: init_variables(model, _key(), x.shape))
     chex.assert_trees_all_equal_shapes_and_dtypes(bf16_variables, variables)
     assert "bf16" in str(jax.make_jaxpr(model.apply)(variables, x)), "the body must run in bf16"
-    chex.assert_trees_all_close(logits, jax.jit(reference.apply)(variables, x), atol=0.1, rtol=0.1)
+    ref_logits = jax.jit(reference.apply)(variables, x)
+    # bf16 rounding moves these logits by <= 0.6% of their largest magnitude
+    # (measured: cnn 0.5%, resnet 0.3%, vit 0.6%); a scaled or broken bf16 path
+    # moves them by far more than the 2% allowed.
+    scale = float(jnp.max(jnp.abs(ref_logits)))
+    chex.assert_trees_all_close(logits, ref_logits, atol=0.02 * scale, rtol=0.0,
+                                custom_message=f"{model_id}: bf16 logits far from float32")
 
 
 def test_bad_names_and_options_raise_clear_errors():

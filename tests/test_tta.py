@@ -17,7 +17,6 @@ from dem_jax import losses
 from dem_jax.adapt import methods
 from dem_jax.adapt import objectives
 from dem_jax.adapt import protocol
-from dem_jax.engine import checkpoint
 from dem_jax.engine import parallel
 from dem_jax.engine import train as train_lib
 
@@ -200,53 +199,43 @@ def test_vmapped_grid_search_equals_a_loop(source, digits):
                                err_msg="vmapped DEM* grid differs from a loop over the grid")
 
 
-def test_continual_unit_resumes_to_the_same_result(source, digits, tmp_path, monkeypatch):
+def test_continual_unit_resumes_to_the_same_result(source, digits, tmp_path, save_log):
     model, variables = source
     cfg = methods.AdaptConfig(loss="adadem")
     runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
     make = lambda: methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1)
     doms = [domain(digits[1], c, n=48) for c in ("gaussian_noise", "fog", "contrast")]
     kw = dict(setting="continual", seed=1, batch_size=16)
-    full = protocol.run_domains(runner, make, doms, **kw)
+    full = protocol.run_domains(runner, make, doms, ckpt_dir=str(tmp_path / "a"), **kw)
+    full_saves = save_log.under(tmp_path / "a")
+    assert len(full_saves) == 3, f"one checkpoint per domain expected, got {full_saves}"
 
-    saves = []
-    real_save = checkpoint.Checkpointer.save
-
-    def interrupt_after_two(self, step, state, meta=None):
-        real_save(self, step, state, meta)
-        saves.append(step)
-        if len(saves) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", interrupt_after_two)
+    save_log.start(interrupt_after=2)
     with pytest.raises(KeyboardInterrupt):
-        protocol.run_domains(runner, make, doms, ckpt_dir=str(tmp_path / "u"), **kw)
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
-    resumed = protocol.run_domains(runner, make, doms, ckpt_dir=str(tmp_path / "u"), **kw)
+        protocol.run_domains(runner, make, doms, ckpt_dir=str(tmp_path / "b"), **kw)
+    save_log.start()
+    resumed = protocol.run_domains(runner, make, doms, ckpt_dir=str(tmp_path / "b"), **kw)
     assert resumed == full, "a resumed continual run must end with the same result"
+    assert save_log.under(tmp_path / "b") == full_saves[2:], (
+        "the resumed run must adapt only the domain that was not checkpointed")
 
 
-def test_source_training_resumes_to_the_same_parameters(digits, tmp_path, monkeypatch):
+def test_source_training_resumes_to_the_same_parameters(digits, tmp_path, save_log):
     train, _ = digits
     small = train.subset(np.arange(256))
     cfg = train_lib.SourceConfig(model="cnn", model_kwargs=TINY, epochs=3, batch_size=64)
     full = train_lib.train_source(small, None, cfg, str(tmp_path / "a"))
-    real_save = checkpoint.Checkpointer.save
-    calls = []
-
-    def crash(self, step, state, meta=None):
-        real_save(self, step, state, meta)
-        calls.append(step)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", crash)
+    full_saves = save_log.under(tmp_path / "a")
+    save_log.start(interrupt_after=2)
     with pytest.raises(KeyboardInterrupt):
         train_lib.train_source(small, None, cfg, str(tmp_path / "b"))
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+    save_log.start()
     resumed = train_lib.train_source(small, None, cfg, str(tmp_path / "b"))
     chex.assert_trees_all_equal(resumed, full,
                                 custom_message="resumed source training must be bit-identical")
+    assert save_log.under(tmp_path / "b") == full_saves[2:], (
+        f"the resumed run must train only the epochs after the checkpoint: saved "
+        f"{save_log.under(tmp_path / 'b')}, expected {full_saves[2:]}")
     other = dataclasses.replace(cfg, learning_rate=0.1)
     with pytest.raises(ValueError, match="different configuration"):
         train_lib.train_source(small, None, other, str(tmp_path / "b"))

@@ -25,7 +25,7 @@ def tiny_config():
     return c
 
 
-def test_experiment_writes_results_and_resumes(tmp_path):
+def test_experiment_writes_results_and_resumes(tmp_path, save_log):
     workdir = str(tmp_path / "run")
     config = tiny_config()
     results = tta_lib.run(config, workdir)
@@ -44,9 +44,14 @@ def test_experiment_writes_results_and_resumes(tmp_path):
     assert set(saved["lr_sweep"]["accuracy"]) >= {"em", "adadem"}
     md = open(os.path.join(workdir, "results.md")).read()
     assert "| adadem |" in md and "mean ± std" in md
-    # A finished run restarted with the same command loads every unit: same results.
+    means = {row: saved["single"][row]["mean"] for row in config.rows}
+    assert len(set(means.values())) > 1, f"every row has the same accuracy: {means}"
+    # A finished run restarted with the same command loads every unit: same results,
+    # nothing trained or adapted again.
+    save_log.start()
     again = tta_lib.run(config, workdir)
     assert again == results
+    assert save_log.calls == [], f"a finished run saved again: {save_log.calls}"
     # ... and a different configuration in the same workdir is refused.
     other = tiny_config()
     other.seeds = (3,)
