@@ -18,6 +18,7 @@ from dem_jax.adapt import methods
 from dem_jax.adapt import objectives
 from dem_jax.adapt import protocol
 from dem_jax.engine import parallel
+from dem_jax.engine import partition
 from dem_jax.engine import train as train_lib
 
 TINY = (("hidden", 8), ("width", 4))
@@ -116,6 +117,49 @@ def test_filters_with_no_sample_passing_give_a_finite_zero_update(source, digits
         chex.assert_trees_all_equal(new.trainable, state.trainable,
                                     custom_message=f"{method}: moved with no selected sample")
         chex.assert_trees_all_equal(new.mec, state.mec)
+
+
+@pytest.mark.parametrize("method", ["eta", "eata"])
+def test_eta_eata_step_equals_a_hand_written_reference(source, digits, method):
+    """One SGD step: filter H < e_margin ln C, weights exp(-(H - margin)), Fisher term."""
+    model, variables = source
+    images, labels = protocol.stream(domain(digits[1], n=32), 0, 0, 32)
+    margin = half_margin(model, variables, images[0])
+    cfg = methods.AdaptConfig(method=method, loss="em", e_margin=margin, fisher_alpha=3.0)
+    lr = 0.5
+    probe = methods.init_state(variables, cfg, NUM_CLASSES, lr=lr)
+    fisher = jax.tree.map(lambda x: jnp.full_like(x, 0.02), probe.trainable)
+    state = methods.init_state(variables, cfg, NUM_CLASSES, lr=lr,
+                               fisher=fisher if method == "eata" else None)
+    # Move the parameters off the anchor, so that the Fisher term has a gradient.
+    state = state.replace(trainable=jax.tree.map(lambda x: x + 0.05, state.trainable))
+    runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
+    new, metrics = runner(state, images, labels)
+
+    threshold = margin * np.log(NUM_CLASSES)
+
+    def objective(trainable, x):
+        params = partition.merge(trainable, state.frozen)
+        logits = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                             train=True, mutable=["batch_stats"])[0]
+        h = jax.nn.softmax(logits) * jax.nn.log_softmax(logits)
+        h = -jnp.sum(h, -1)
+        keep = jax.lax.stop_gradient(h) < threshold
+        weight = jnp.exp(-(jax.lax.stop_gradient(h) - threshold))
+        obj = jnp.sum(jnp.where(keep, weight * h, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+        if method == "eata":
+            obj += 3.0 * sum(jnp.sum(f * (t - a) ** 2) for f, t, a in zip(
+                jax.tree.leaves(fisher), jax.tree.leaves(trainable),
+                jax.tree.leaves(state.anchor)))
+        return obj, jnp.sum(keep)
+
+    grads, kept = jax.vmap(jax.grad(objective, has_aux=True), in_axes=(None, 0),
+                           axis_name=parallel.AXIS)(state.trainable, images[:1])
+    grads = jax.tree.map(lambda g: g[0], grads)
+    assert 0 < int(kept[0]) < labels.size and float(metrics["selected"].sum()) == int(kept[0])
+    expected = jax.tree.map(lambda t, g: t - lr * g, state.trainable, grads)
+    chex.assert_trees_all_close(new.trainable, expected, atol=1e-5, rtol=1e-4,
+                                custom_message=f"{method}: step differs from the reference")
 
 
 @pytest.mark.parametrize("method,loss", [("tent", "adadem"), ("eata", "adadem"),
