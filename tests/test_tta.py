@@ -162,6 +162,46 @@ def test_eta_eata_step_equals_a_hand_written_reference(source, digits, method):
                                 custom_message=f"{method}: step differs from the reference")
 
 
+def test_sar_step_equals_a_hand_written_reference(source, digits):
+    """SAR: filtered gradient, ascent to theta + rho g/|g|, filtered gradient there."""
+    model, variables = source
+    images, labels = protocol.stream(domain(digits[1], n=32), 0, 0, 32)
+    margin = half_margin(model, variables, images[0])
+    cfg = methods.AdaptConfig(method="sar", loss="em", e_margin=margin, sar_rho=0.5)
+    lr = 0.5
+    state = methods.init_state(variables, cfg, NUM_CLASSES, lr=lr)
+    runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
+    new, metrics = runner(state, images, labels)
+    threshold = margin * np.log(NUM_CLASSES)
+
+    def entropies(trainable, x):
+        params = partition.merge(trainable, state.frozen)
+        logits = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                             train=True, mutable=["batch_stats"])[0]
+        return -jnp.sum(jax.nn.softmax(logits) * jax.nn.log_softmax(logits), -1)
+
+    def objective(trainable, x, keep_before):
+        h = entropies(trainable, x)
+        keep = (jax.lax.stop_gradient(h) < threshold) & keep_before
+        return jnp.sum(jnp.where(keep, h, 0.0)) / jnp.maximum(jnp.sum(keep), 1), keep
+
+    def step(trainable, x):
+        everyone = jnp.ones(x.shape[0], bool)
+        g1, keep1 = jax.grad(objective, has_aux=True)(trainable, x, everyone)
+        norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(g1)))
+        perturbed = jax.tree.map(lambda t, g: t + 0.5 / norm * g, trainable, g1)
+        g2, keep2 = jax.grad(objective, has_aux=True)(perturbed, x, keep1)
+        return jax.tree.map(lambda t, g: t - lr * g, trainable, g2), keep1, keep2
+
+    expected, keep1, keep2 = jax.vmap(step, in_axes=(None, 0), axis_name=parallel.AXIS)(
+        state.trainable, images[:1])
+    assert 0 < int(keep2.sum()) <= int(keep1.sum()) < labels.size
+    assert float(metrics["selected"].sum()) == int(keep2.sum())
+    chex.assert_trees_all_close(new.trainable, jax.tree.map(lambda x: x[0], expected),
+                                atol=1e-5, rtol=1e-4,
+                                custom_message="SAR step differs from the reference")
+
+
 @pytest.mark.parametrize("method,loss", [("tent", "adadem"), ("eata", "adadem"),
                                          ("sar", "em"), ("bn", "em")])
 def test_eight_devices_equal_one_device_on_the_global_batch(source, digits, method, loss):
