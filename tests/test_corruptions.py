@@ -133,6 +133,10 @@ def test_bad_arguments_raise_clear_errors():
         corrupt((images * 255).astype(np.uint8), "fog", 1, seed=0)
     with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
         corrupt(images * 2, "fog", 1, seed=0)
+    with_nan = images.copy()
+    with_nan[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        corrupt(with_nan, "contrast", 1, seed=0)
 
 
 def test_command_line_writes_a_png(tmp_path):

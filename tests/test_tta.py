@@ -255,6 +255,11 @@ def test_adaptation_batch_not_divisible_by_devices_is_a_clear_error(source, digi
         runner(methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1), images, labels)
 
 
+def test_domain_smaller_than_one_batch_is_a_clear_error(digits):
+    with pytest.raises(ValueError, match="fewer than one adaptation batch of 30"):
+        protocol.stream(domain(digits[1], n=20), 0, 0, 30)
+
+
 def test_dem_grid_respects_prop_a1():
     grid = protocol.dem_grid(0.1, 0.1)
     assert np.all(losses.dem_valid(grid[:, 0], grid[:, 1])), "grid point outside Prop. A.1"

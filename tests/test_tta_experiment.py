@@ -3,8 +3,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
+from dem_jax import data as data_lib
 from experiments import tta_lib
 from experiments.configs import default
 
@@ -66,6 +68,8 @@ def test_experiment_writes_results_and_resumes(tmp_path, save_log):
     (dict(batch_size=30), ValueError, "not divisible by the 8 devices"),
     (dict(corruptions=("fog", "rain")), ValueError, "Unknown corruption"),
     (dict(data="fashion_mnist", data_dir="/nonexistent"), FileNotFoundError, "apt-get"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
+    (dict(max_test_examples=60), ValueError, "less than two adaptation batches"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, change, error, match):
     config = tiny_config()
@@ -73,3 +77,35 @@ def test_bad_config_is_a_clear_error(tmp_path, change, error, match):
         setattr(config, k, v)
     with pytest.raises(error, match=match):
         tta_lib.run(config, str(tmp_path / "bad"))
+
+
+def test_dem_star_fraction_outside_zero_one_is_a_clear_error(tmp_path):
+    config = tiny_config()
+    config.dem_star.fraction = 1.7
+    with pytest.raises(ValueError, match="fraction must be in"):
+        tta_lib.run(config, str(tmp_path / "bad"))
+
+
+def test_loaded_target_domains_take_the_same_test_subset(monkeypatch):
+    """`config.target` + `max_test_examples`: each loaded domain is cut to the subset."""
+    full = data_lib.load("digits", "test")
+    real_load = data_lib.load
+    loaded = []
+
+    def load(name, split="train", **kw):
+        if name.startswith("fake-c:"):
+            loaded.append(name)
+            return full  # stands in for a corrupted copy of the whole test split
+        return real_load(name, split, **kw)
+
+    monkeypatch.setattr(tta_lib.data_lib, "load", load)
+    config = tiny_config()
+    config.target = "fake-c:{corruption}-{severity}"
+    subset = np.sort(np.random.default_rng(0).permutation(len(full))[:100])
+    domains = tta_lib.load_domains(config, full.subset(subset), subset)
+    assert loaded == [f"fake-c:{c}-5" for c in config.corruptions]
+    for d in domains:
+        np.testing.assert_array_equal(d.labels, full.labels[subset],
+                                      err_msg=f"{d.name}: not the images of the subset")
+    with pytest.raises(ValueError, match="max_test_examples"):
+        tta_lib.load_domains(config, full, np.array([len(full)]))

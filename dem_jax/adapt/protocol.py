@@ -50,6 +50,10 @@ def stream(domain: Domain, index: int, seed: int,
     A remainder that does not fill a batch is left out; results report how
     many examples were used.
     """
+    if len(domain.labels) < batch_size:
+        raise ValueError(
+            f"Domain {domain.name!r} has {len(domain.labels)} examples, fewer than one "
+            f"adaptation batch of {batch_size}: lower the batch size or use more examples.")
     order = np.random.default_rng([seed, index]).permutation(len(domain.labels))
     num_batches = len(order) // batch_size
     idx = order[:num_batches * batch_size].reshape(num_batches, batch_size)

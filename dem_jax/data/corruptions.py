@@ -582,6 +582,9 @@ def corrupt(images: np.ndarray, name: str, severity: int, *, seed: int) -> np.nd
         raise ValueError(f"images must be [N, H, W, C] with C = 1 or 3, got shape {images.shape}.")
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype} (divide uint8 by 255).")
+    if images.size and not np.isfinite(images).all():
+        raise ValueError(f"images contain {int((~np.isfinite(images)).sum())} NaN or infinite "
+                         "values; a corruption would spread them over whole images.")
     if images.size and (images.min() < 0 or images.max() > 1):
         raise ValueError(f"images must lie in [0, 1], got [{images.min()}, {images.max()}].")
     if images.shape[0] == 0:

@@ -52,6 +52,19 @@ class Checkpointer:
         abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), template)
         out = self._mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        # Orbax hands back what was saved even where the template differs; a
+        # checkpoint of another model or dtype must not pass for this one.
+        mismatches = [
+            f"{jax.tree_util.keystr(path)}: saved {np.shape(got)} {np.asarray(got).dtype}, "
+            f"expected {np.shape(want)} {np.asarray(want).dtype}"
+            for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(out["state"])[0],
+                                         jax.tree.leaves(abstract))
+            if np.shape(got) != np.shape(want) or np.asarray(got).dtype != np.asarray(want).dtype]
+        if mismatches:
+            raise ValueError(
+                f"The checkpoint at step {step} in {self.directory} does not match the state it "
+                f"is restored into ({len(mismatches)} arrays differ, first: {mismatches[0]}). "
+                "It was written by another configuration: use a fresh directory.")
         return out["state"], dict(out["meta"])
 
     def close(self) -> None:
