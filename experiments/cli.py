@@ -17,7 +17,6 @@ import os
 import sys
 from typing import Any
 
-from absl import app
 from ml_collections import config_dict
 from ml_collections import config_flags
 
@@ -115,7 +114,7 @@ def tuple_type_errors(config, reference) -> list[str]:
 
 
 def check_overrides(flag) -> None:
-    """Stops with a usage error if a tuple override has elements of the wrong type.
+    """Stops with a message if a tuple override has elements of the wrong type.
 
     Args:
       flag: the parsed `--config` flag, `flags.FLAGS["config"]`.
@@ -125,4 +124,4 @@ def check_overrides(flag) -> None:
     reference = load_config_file(config_flags.get_config_filename(flag))
     messages = tuple_type_errors(flag.value, reference)
     if messages:
-        raise app.UsageError("\n".join(messages))
+        sys.exit("error: " + "\n       ".join(messages))

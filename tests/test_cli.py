@@ -43,3 +43,15 @@ def test_entry_point_stops_before_any_work_on_a_misspelt_field(tmp_path):
         in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr, run.stderr[-2000:]
     assert not os.path.exists(workdir), "nothing may be written before the config is valid"
+
+
+def test_entry_point_stops_on_a_tuple_of_the_wrong_type(tmp_path):
+    workdir = str(tmp_path / "run")
+    run = subprocess.run(
+        [sys.executable, "-m", "experiments.uda", f"--workdir={workdir}", "--config.seeds=abc"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0, "a tuple of the wrong type must stop the run"
+    assert run.stderr.strip().endswith(
+        "error: --config.seeds: expected a tuple of numbers like (0, 1, 2), got ('abc',)."), \
+        run.stderr[-2000:]
+    assert not os.path.exists(workdir), "nothing may be written before the config is valid"
