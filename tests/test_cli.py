@@ -33,25 +33,25 @@ def test_tuple_overrides_must_keep_the_element_type():
     assert len(messages) == 1 and "--config.rows" in messages[0] and "str" in messages[0], messages
 
 
-def test_entry_point_stops_before_any_work_on_a_misspelt_field(tmp_path):
+def run_entry_point(module, flag, tmp_path):
+    """Runs `python -m experiments.<module> --workdir=... <flag>`; (result, workdir)."""
     workdir = str(tmp_path / "run")
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.tta", f"--workdir={workdir}", "--config.sead=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0, "a misspelt --config field must stop the run"
-    assert "--config.sead: the config has no field 'sead'. Did you mean --config.seeds?" \
-        in run.stderr, run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", f"experiments.{module}", f"--workdir={workdir}", flag],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0, f"{flag} must stop the run"
     assert "Traceback" not in run.stderr, run.stderr[-2000:]
     assert not os.path.exists(workdir), "nothing may be written before the config is valid"
+    return run
+
+
+def test_entry_point_stops_before_any_work_on_a_misspelt_field(tmp_path):
+    run = run_entry_point("tta", "--config.sead=1", tmp_path)
+    assert "--config.sead: the config has no field 'sead'. Did you mean --config.seeds?" \
+        in run.stderr, run.stderr[-2000:]
 
 
 def test_entry_point_stops_on_a_tuple_of_the_wrong_type(tmp_path):
-    workdir = str(tmp_path / "run")
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.uda", f"--workdir={workdir}", "--config.seeds=abc"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0, "a tuple of the wrong type must stop the run"
+    run = run_entry_point("uda", "--config.seeds=abc", tmp_path)
     assert run.stderr.strip().endswith(
         "error: --config.seeds: expected a tuple of numbers like (0, 1, 2), got ('abc',)."), \
         run.stderr[-2000:]
-    assert not os.path.exists(workdir), "nothing may be written before the config is valid"
