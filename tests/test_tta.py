@@ -58,6 +58,14 @@ def half_margin(model, variables, images):
     return float(np.median(losses.entropy(logits))) / np.log(NUM_CLASSES)
 
 
+def reference_entropies(model, state, trainable, x):
+    """The entropy of each image with BatchNorm on the batch, written plainly (no dem_jax loss)."""
+    params = partition.merge(trainable, state.frozen)
+    logits = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                         train=True, mutable=["batch_stats"])[0]
+    return -jnp.sum(jax.nn.softmax(logits) * jax.nn.log_softmax(logits), -1)
+
+
 def tree_finite(tree):
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
                if jnp.issubdtype(x.dtype, jnp.floating))
@@ -139,11 +147,7 @@ def test_eta_eata_step_equals_a_hand_written_reference(source, digits, method):
     threshold = margin * np.log(NUM_CLASSES)
 
     def objective(trainable, x):
-        params = partition.merge(trainable, state.frozen)
-        logits = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                             train=True, mutable=["batch_stats"])[0]
-        h = jax.nn.softmax(logits) * jax.nn.log_softmax(logits)
-        h = -jnp.sum(h, -1)
+        h = reference_entropies(model, state, trainable, x)
         keep = jax.lax.stop_gradient(h) < threshold
         weight = jnp.exp(-(jax.lax.stop_gradient(h) - threshold))
         obj = jnp.sum(jnp.where(keep, weight * h, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
@@ -174,14 +178,8 @@ def test_sar_step_equals_a_hand_written_reference(source, digits):
     new, metrics = runner(state, images, labels)
     threshold = margin * np.log(NUM_CLASSES)
 
-    def entropies(trainable, x):
-        params = partition.merge(trainable, state.frozen)
-        logits = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                             train=True, mutable=["batch_stats"])[0]
-        return -jnp.sum(jax.nn.softmax(logits) * jax.nn.log_softmax(logits), -1)
-
     def objective(trainable, x, keep_before):
-        h = entropies(trainable, x)
+        h = reference_entropies(model, state, trainable, x)
         keep = (jax.lax.stop_gradient(h) < threshold) & keep_before
         return jnp.sum(jnp.where(keep, h, 0.0)) / jnp.maximum(jnp.sum(keep), 1), keep
 
