@@ -140,6 +140,7 @@ class Experiment:
         protocol.check_stream_sizes(self.domains, config.batch_size)
         self._runners: dict = {}
         self._fisher = None
+        self._dem_star: dict[float, list] = {}
 
     def adapt_config(self, method: str, loss: str) -> methods.AdaptConfig:
         c = self.config
@@ -215,14 +216,22 @@ def dem_star_split(exp: Experiment) -> tuple[list, list]:
 
 
 def dem_star_params(exp: Experiment, lr: float) -> list[dict]:
-    """DEM*'s (tau, alpha) per domain, searched once on the fixed labelled split."""
-    c = exp.config
-    grid = protocol.dem_grid(c.dem_star.tau_step, c.dem_star.alpha_step,
-                             c.dem_star.tau_max, c.dem_star.alpha_max)
-    labelled, _ = dem_star_split(exp)
-    return cached(exp.path("dem_star_search.json"), lambda: protocol.dem_star_search(
-        exp.runner("tent", "dem", grid=True), exp.state_fn("tent", "dem", lr), labelled, grid,
-        batch_size=c.batch_size, chunk=c.grid_chunk, desc="DEM* search"))
+    """DEM*'s (tau, alpha) per domain, searched once on the fixed labelled split.
+
+    Kept in memory after the first call: every DEM* unit asks for it, and on
+    several hosts only process 0 writes the cache file, so a host whose workdir
+    does not see that file would otherwise search again, alone, with
+    collectives the other hosts never join.
+    """
+    if lr not in exp._dem_star:
+        c = exp.config
+        grid = protocol.dem_grid(c.dem_star.tau_step, c.dem_star.alpha_step,
+                                 c.dem_star.tau_max, c.dem_star.alpha_max)
+        labelled, _ = dem_star_split(exp)
+        exp._dem_star[lr] = cached(exp.path("dem_star_search.json"), lambda: protocol.dem_star_search(
+            exp.runner("tent", "dem", grid=True), exp.state_fn("tent", "dem", lr), labelled, grid,
+            batch_size=c.batch_size, chunk=c.grid_chunk, desc="DEM* search"))
+    return exp._dem_star[lr]
 
 
 def run_units(exp: Experiment, lrs: dict) -> dict:

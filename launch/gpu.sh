@@ -40,6 +40,13 @@ esac
 # Split on whitespace: a flag value with spaces in it is not supported.
 read -ra extra_args <<< "$extra"
 
+# A relative --workdir (and a given --venv) is the caller's; a relative --config is the caller's
+# if it exists there, else the repository's (experiments/configs/...). The default venv is the
+# repository's .venv.
+absolute() { if [[ "$1" = /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+workdir="$(absolute "$workdir")"
+if [[ "$venv" != ".venv" ]]; then venv="$(absolute "$venv")"; fi
+if [[ -f "$config" ]]; then config="$(absolute "$config")"; fi
 cd "$(dirname "$0")/.."
 
 run() {
@@ -49,16 +56,20 @@ run() {
   if (( ! dry_run )); then "$@"; fi
 }
 
-too_old='import sys; sys.exit(sys.version_info < (3, 11))'
-if (( ! dry_run )) && ! "$python" -c "$too_old" 2>/dev/null; then
-  echo "error: '$python' is missing or older than Python 3.11; pass --python=/path/to/python3.11" \
-    >&2
-  exit 2
-fi
 if [[ ! -x "$venv/bin/python" ]]; then
+  too_old='import sys; sys.exit(sys.version_info < (3, 11))'
+  if (( ! dry_run )) && ! "$python" -c "$too_old" 2>/dev/null; then
+    echo "error: '$python' is missing or older than Python 3.11; pass --python=/path/to/python3.11" \
+      >&2
+    exit 2
+  fi
   run "$python" -m venv "$venv"
 fi
 run "$venv/bin/python" -m pip install --upgrade pip
 run "$venv/bin/python" -m pip install -e '.[tfds]' "jax[cuda12]==$JAX_VERSION"
+# One process drives every local GPU. Without this, jax.distributed inside a Slurm job step
+# (srun) would make this a one-GPU process of a Slurm-sized job.
+echo "export DEM_JAX_NUM_PROCESSES=1"
+export DEM_JAX_NUM_PROCESSES=1
 run "$venv/bin/python" -m "experiments.$experiment" "--config=$config" "--workdir=$workdir" \
   ${extra_args[@]+"${extra_args[@]}"}

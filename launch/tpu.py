@@ -150,13 +150,16 @@ def _steps(args: argparse.Namespace) -> dict[str, list[str]]:
         "fetch": [*tpu_vm, "scp", "--recurse", f"{args.name}:{_remote_path(args.workdir)}",
                   args.results_dir, *where, "--worker=0"],
         "delete": [*tpu_vm, "delete", args.name, *where, "--quiet"],
+        # Read-only probe before "create" (not part of the plan): exit 0 = a slice of
+        # this name exists, and it is not ours to use or to delete.
+        "exists": [*tpu_vm, "describe", args.name, *where, "--format=value(name)"],
     }
 
 
 def plan(args: argparse.Namespace) -> list[list[str]]:
     """The commands that run the experiment described by `args`, in order (nothing is run)."""
     return [command for name, command in _steps(args).items()
-            if not (name == "delete" and args.keep)]
+            if name != "exists" and not (name == "delete" and args.keep)]
 
 
 def _run(command: list[str]) -> None:
@@ -169,7 +172,9 @@ def main(argv=None) -> int:
     hosts = num_hosts(args.accelerator_type)
     # A comment line, so that the --dry-run output is itself a valid shell script.
     print(f"# {args.accelerator_type}: {hosts} host{'s' if hosts > 1 else ''} (TPU VM workers); "
-          f"the experiment runs on all of them at once.", flush=True)
+          f"the experiment runs on all of them at once."
+          + (f" {args.workdir} must be one directory that every host sees (launch/README.md)."
+             if hosts > 1 else ""), flush=True)
     if args.dry_run:
         for command in plan(args):
             print(shlex.join(command))
@@ -182,6 +187,17 @@ def main(argv=None) -> int:
     os.makedirs(args.results_dir, exist_ok=True)
     steps = _steps(args)
     create_attempted = succeeded = False
+    try:
+        probe = subprocess.run(steps["exists"], capture_output=True, text=True)
+    except FileNotFoundError:
+        print("error: `gcloud` was not found: install the Google Cloud CLI and log in "
+              "(`gcloud auth login`), or use --dry-run to see the commands.", file=sys.stderr)
+        return 1
+    if probe.returncode == 0:
+        print(f"error: a TPU named {args.name} already exists in {args.zone}; this launcher "
+              "neither reuses nor deletes a slice it did not create. Choose another --name, or "
+              f"delete it first:\n  {shlex.join(steps['delete'])}", file=sys.stderr)
+        return 1
     try:
         _run(steps["package"])
         create_attempted = True  # A failed or interrupted create can still leave a slice behind.

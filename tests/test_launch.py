@@ -121,11 +121,16 @@ def test_dry_run_subprocess_prints_the_plan_and_runs_nothing(tmp_path):
     assert not (tmp_path / "results").exists(), "--dry-run must not create anything"
 
 
-def _fake_subprocess(monkeypatch, fails=lambda command: False):
-    """Records the commands main() runs instead of running them; those `fails` accepts fail."""
+def _fake_subprocess(monkeypatch, fails=lambda command: False, exists=False):
+    """Records the commands main() runs instead of running them; those `fails` accepts fail.
+
+    `exists`: whether the probe `tpu-vm describe` finds a slice of that name already.
+    """
     ran = []
 
     def fake_run(command, check=False, **kwargs):
+        if "describe" in command:
+            return subprocess.CompletedProcess(command, 0 if exists else 1, stdout="", stderr="")
         ran.append(command)
         if fails(command):
             raise subprocess.CalledProcessError(1, command)
@@ -142,6 +147,26 @@ def test_main_reports_a_failed_step_and_still_deletes_the_slice(monkeypatch, cap
     assert steps_run() == ["status", "archive", "create", "delete"]
     err = capsys.readouterr().err
     assert "failed" in err and "deleting the slice dem-test" in err
+
+
+def test_main_never_touches_a_slice_of_the_same_name_it_did_not_create(monkeypatch, capsys,
+                                                                      tmp_path):
+    steps_run = _fake_subprocess(monkeypatch, exists=True)
+    code = tpu.main(BASE + ["--accelerator-type=v4-8", f"--results-dir={tmp_path}"])
+    assert code == 1
+    assert "create" not in steps_run() and "delete" not in steps_run(), steps_run()
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_main_without_gcloud_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    def no_gcloud(command, **kwargs):
+        if command[0] == "gcloud":
+            raise FileNotFoundError(2, "No such file or directory", "gcloud")
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(tpu.subprocess, "run", no_gcloud)
+    assert tpu.main(BASE + ["--accelerator-type=v4-8", f"--results-dir={tmp_path}"]) == 1
+    assert "`gcloud` was not found" in capsys.readouterr().err
 
 
 def test_main_fetches_results_after_a_failed_run(monkeypatch, tmp_path):

