@@ -83,6 +83,10 @@ def validate(config, devices=None) -> None:
                          "('symmetric:0.4',).")
     for s in config.noise:
         parse_noise(s)
+    mapping = config.asymmetric_mapping
+    if isinstance(mapping, str) and mapping != "cyclic" and mapping not in noise_lib.MAPPINGS:
+        raise ValueError(f"Unknown asymmetric_mapping {mapping!r}; valid names: 'cyclic', "
+                         f"{', '.join(map(repr, noise_lib.MAPPINGS))}, or class indices.")
     if len(set(config.noise)) != len(config.noise) or len(set(config.losses)) != len(
             config.losses):
         raise ValueError("config.noise and config.losses must not repeat an entry.")
@@ -379,16 +383,10 @@ def plot_memorisation(path: str, units: dict, config) -> None:
 def run(config, workdir: str, *, devices=None) -> dict:
     """Runs (or resumes) the whole experiment; returns the results dict."""
     validate(config, devices)
-    os.makedirs(workdir, exist_ok=True)
-    stamp = os.path.join(workdir, "config.json")
-    as_json = config.to_json_best_effort(sort_keys=True)
-    if os.path.exists(stamp) and open(stamp).read() != as_json:
-        raise ValueError(
-            f"{workdir} holds a run with a different configuration (see {stamp}). Use another "
-            "--workdir, or delete that directory to start over.")
-    reporting.write_text(stamp, as_json)
+    confirm = reporting.claim_workdir(workdir, config)
     t0 = time.time()
     exp = Experiment(config, workdir, devices=devices)
+    confirm()  # data found, labels corrupted, model built: this directory now holds this run
     units = run_units(exp)
     results: dict[str, Any] = summarise(units, exp)
     results["seconds"] = time.time() - t0

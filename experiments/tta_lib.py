@@ -339,15 +339,9 @@ def write_plots(exp: Experiment, results: dict, units: dict) -> None:
 def run(config, workdir: str) -> dict:
     """Runs (or resumes) the whole experiment; returns the results dict."""
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    stamp = os.path.join(workdir, "config.json")
-    as_json = config.to_json_best_effort(sort_keys=True)
-    if os.path.exists(stamp) and open(stamp).read() != as_json:
-        raise ValueError(
-            f"{workdir} holds a run with a different configuration (see {stamp}). Use another "
-            "--workdir, or delete that directory to start over.")
-    reporting.write_text(stamp, as_json)
+    confirm = reporting.claim_workdir(workdir, config)
     exp = Experiment(config, workdir)
+    confirm()  # data found, source model ready: this directory now holds this run
     lrs, sweep = learning_rates(exp)
     units = run_units(exp, lrs)
     results: dict[str, Any] = summarise(units, list(config.corruptions))

@@ -95,6 +95,14 @@ def validate(config, devices=None) -> None:
                          f"config.eval_every={config.eval_every} (one checkpoint per chunk).")
     if not 0.0 < config.dem_star.fraction < 1.0:
         raise ValueError(f"dem_star.fraction must be in (0, 1), got {config.dem_star.fraction}.")
+    for name, value in (("dem_star.grid_chunk", config.dem_star.grid_chunk),
+                        ("eval_batch_size", config.eval_batch_size)):
+        if value < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {value}.")
+    if config.size < 0:
+        raise ValueError(f"config.size must be >= 0 (0 = the data set's own), got {config.size}.")
+    if config.lr <= 0:
+        raise ValueError(f"config.lr must be > 0, got {config.lr}.")
     n = parallel.num_devices(devices)
     for name, b in (("batch_size", config.batch_size),
                     ("source.batch_size", config.source.batch_size)):
@@ -365,18 +373,12 @@ def plot_curves(path: str, pair: str, rows: dict) -> None:
 def run(config, workdir: str, *, devices=None) -> dict:
     """Runs (or resumes) the whole experiment; returns the results dict."""
     validate(config, devices)
-    os.makedirs(workdir, exist_ok=True)
-    stamp = os.path.join(workdir, "config.json")
-    as_json = config.to_json_best_effort(sort_keys=True)
-    if os.path.exists(stamp) and open(stamp).read() != as_json:
-        raise ValueError(
-            f"{workdir} holds a run with a different configuration (see {stamp}). Use another "
-            "--workdir, or delete that directory to start over.")
-    reporting.write_text(stamp, as_json)
+    confirm = reporting.claim_workdir(workdir, config)
     log = reporting.MetricsLog(workdir)
     raw = {}
     for pair in config.pairs:
         exp = PairExperiment(config, workdir, pair, devices=devices, log=log)
+        confirm()  # the first pair's data and source model are ready
         raw[pair] = run_pair(exp)
     results: dict[str, Any] = summarise(raw)
     reporting.write_json(os.path.join(workdir, "results.json"),

@@ -195,17 +195,31 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, save_log):
     (dict(batch_size=12), "not divisible by the 8 devices"),
     (dict(lam=-1.0), "lam"),
     (dict(seeds=()), "seeds is empty"),
+    (dict(asymmetric_mapping="mnsit"), "Unknown asymmetric_mapping 'mnsit'"),
 ])
 def test_bad_configs_give_clear_errors(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         noisy_labels_lib.run(tiny_config(**overrides), str(tmp_path))
 
 
-def test_missing_data_gives_a_clear_error(tmp_path):
+def test_missing_data_gives_a_clear_error_and_does_not_lock_the_workdir(tmp_path):
     c = noisy_fashion_mnist.get_config()
     c.data_dir = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         noisy_labels_lib.run(c, str(tmp_path / "work"))
+    # The corrected run may use the same directory: nothing was stamped.
+    assert not os.path.exists(tmp_path / "work" / "config.json")
+    reporting.claim_workdir(str(tmp_path / "work"), noisy_fashion_mnist.get_config())
+
+
+def test_claim_workdir_refuses_another_configuration_once_confirmed(tmp_path):
+    a, b = tiny_config(), tiny_config(seeds=(5,))
+    confirm = reporting.claim_workdir(str(tmp_path), a)
+    reporting.claim_workdir(str(tmp_path), b)  # not confirmed yet: still free
+    confirm()
+    reporting.claim_workdir(str(tmp_path), a)  # the same configuration resumes
+    with pytest.raises(ValueError, match="different configuration"):
+        reporting.claim_workdir(str(tmp_path), b)
 
 
 def test_noisy_labels_keep_the_clean_labels(setup):

@@ -120,6 +120,9 @@ def test_run_resumes_to_the_same_result(tmp_path, save_log):
     (dict(steps=5), "multiple of config.eval_every"),
     (dict(optimizer="rmsprop"), "Unknown optimizer"),
     (dict(seeds=()), "seeds is empty"),
+    (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
+    (dict(size=-1), "size must be >= 0"),
+    (dict(lr=0.0), "lr must be > 0"),
 ])
 def test_bad_config_is_a_clear_error(overrides, match):
     with pytest.raises(ValueError, match=match):

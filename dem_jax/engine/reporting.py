@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -70,6 +70,29 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def claim_workdir(workdir: str, config) -> Callable[[], None]:
+    """Refuses a work directory that holds a run of another configuration.
+
+    Returns `confirm`, which writes the configuration into `workdir/config.json`.
+    Call it once the experiment has been set up (data found, models built), so
+    that a run stopped by a bad setting does not lock the directory against the
+    corrected one.
+
+    Example:
+      >>> confirm = reporting.claim_workdir(workdir, config)
+      >>> exp = Experiment(config, workdir)   # may raise: nothing stamped yet
+      >>> confirm()
+    """
+    os.makedirs(workdir, exist_ok=True)
+    stamp = os.path.join(workdir, "config.json")
+    as_json = config.to_json_best_effort(sort_keys=True)
+    if os.path.exists(stamp) and open(stamp).read() != as_json:
+        raise ValueError(
+            f"{workdir} holds a run with a different configuration (see {stamp}). Use another "
+            "--workdir, or delete that directory to start over.")
+    return lambda: write_text(stamp, as_json)
 
 
 def progress(iterable: Iterable, *, desc: str, total: int | None = None, **kw):
