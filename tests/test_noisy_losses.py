@@ -363,6 +363,20 @@ def test_out_of_range_label_under_jit_is_nan_not_silent():
   assert bool(jnp.isfinite(v[0])) and bool(jnp.isnan(v[1]))
 
 
+def test_elr_out_of_range_index_under_jit_is_nan_and_writes_nothing():
+  z, y = logits((3, 3)), jnp.array([0, 1, 2])
+  table = jnp.full((4, 3), 0.25)
+  for bad in (7, -1):  # past the end (was: read clamped to row 3), negative (was: wrapped)
+    idx = jnp.array([0, bad, 2])
+    v, new = jax.jit(losses.elr)(z, y, table, idx)
+    assert bool(jnp.isnan(v[1])) and bool(jnp.all(jnp.isfinite(v[jnp.array([0, 2])]))), \
+        f"index {bad}: loss {v}"
+    np.testing.assert_array_equal(new[jnp.array([1, 3])], table[jnp.array([1, 3])],
+                                  err_msg=f"index {bad} wrote into the table")
+    v_ok, _ = losses.elr(z[jnp.array([0, 2])], y[jnp.array([0, 2])], table, idx[jnp.array([0, 2])])
+    chex.assert_trees_all_close(v[jnp.array([0, 2])], v_ok, atol=1e-6)
+
+
 # --------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------

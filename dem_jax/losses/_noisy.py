@@ -15,8 +15,8 @@ examples, and labels of the per-example shape. Plain autodiff, forward and
 reverse mode.
 
 Labels are checked eagerly when their values are known (outside `jit`);
-under `jit` an unmasked label outside `[0, C)` gives a NaN loss rather than a
-silently wrong number. Masked examples may hold any label (e.g. -1 padding).
+under `jit` an unmasked label outside `[0, C)`, or an ELR index outside its
+table, gives a NaN loss rather than a silently wrong number. Masked examples may hold any label (e.g. -1 padding).
 """
 
 from __future__ import annotations
@@ -352,15 +352,19 @@ def _elr(logits, labels, targets, indices, where, lam, beta, *, axis):
 
   flat_mask = None if mask is None else mask.reshape(-1)
   rows = indices.astype(jnp.int32).reshape(-1)
-  if flat_mask is not None:
-    rows = jnp.where(flat_mask, rows, 0)
+  # An index outside the table (only possible under jit) must not read a
+  # clamped row or wrap around: it writes nothing and its loss is NaN, like an
+  # out-of-range label.
+  valid = (rows >= 0) & (rows < num_examples)
+  keep = valid if flat_mask is None else valid & flat_mask
+  rows = jnp.where(keep, rows, 0)
   table = lax.stop_gradient(targets).astype(jnp.float32)
   updated = beta * table[rows] + (1.0 - beta) * p_norm
-  # A masked example writes out of bounds, where mode="drop" discards it, so
-  # that a padded slot cannot overwrite the row of a real example.
-  write_rows = rows if flat_mask is None else jnp.where(flat_mask, rows, num_examples)
-  table = table.at[write_rows].set(updated, mode="drop")
+  # A masked or invalid example writes out of bounds, where mode="drop"
+  # discards it, so that it cannot overwrite the row of a real example.
+  table = table.at[jnp.where(keep, rows, num_examples)].set(updated, mode="drop")
 
   agreement = jnp.sum(table[rows] * p, axis=-1).reshape(ce.shape)
   value = ce + lam * jnp.log1p(-agreement)
+  value = jnp.where(valid.reshape(ce.shape), value, jnp.nan)
   return _common.apply_mask(value, mask), table.astype(targets.dtype)
