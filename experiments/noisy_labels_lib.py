@@ -72,6 +72,11 @@ def loss_config(config, loss: str) -> noisy_engine.NoisyLossConfig:
         mec_momentum=config.mec_momentum)
 
 
+# The named class flips (dem_jax.data.noise.MAPPINGS) that belong to each data set.
+MAPPING_OF_DATA = {"digits": "mnist", "mnist": "mnist", "fashion_mnist": "fashion_mnist",
+                   "tfds:cifar10": "cifar10"}
+
+
 def validate(config, devices=None) -> None:
     """Clear errors for a bad configuration, before any work starts."""
     if not config.losses:
@@ -87,6 +92,14 @@ def validate(config, devices=None) -> None:
     if isinstance(mapping, str) and mapping != "cyclic" and mapping not in noise_lib.MAPPINGS:
         raise ValueError(f"Unknown asymmetric_mapping {mapping!r}; valid names: 'cyclic', "
                          f"{', '.join(map(repr, noise_lib.MAPPINGS))}, or class indices.")
+    asymmetric = any(s.startswith("asymmetric") for s in config.noise)
+    meant_for = {name: data for data, name in MAPPING_OF_DATA.items()}
+    if (asymmetric and isinstance(mapping, str) and config.data in MAPPING_OF_DATA
+            and MAPPING_OF_DATA[config.data] != mapping and mapping in meant_for):
+        raise ValueError(
+            f"asymmetric_mapping {mapping!r} holds the class flips of {meant_for[mapping]}, "
+            f"not of data={config.data!r}: set --config.asymmetric_mapping="
+            f"{MAPPING_OF_DATA[config.data]} (or 'cyclic', or class indices).")
     if len(set(config.noise)) != len(config.noise) or len(set(config.losses)) != len(
             config.losses):
         raise ValueError("config.noise and config.losses must not repeat an entry.")

@@ -196,6 +196,7 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, save_log):
     (dict(lam=-1.0), "lam"),
     (dict(seeds=()), "seeds is empty"),
     (dict(asymmetric_mapping="mnsit"), "Unknown asymmetric_mapping 'mnsit'"),
+    (dict(data="fashion_mnist", noise=("asymmetric:0.4",)), "flips of mnist, not of data='fashion"),
 ])
 def test_bad_configs_give_clear_errors(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
