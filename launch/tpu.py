@@ -167,8 +167,30 @@ def _run(command: list[str]) -> None:
     subprocess.run(command, check=True)  # Output goes straight to this terminal, live.
 
 
+def unknown_config_fields(args: argparse.Namespace) -> list[str]:
+    """Messages for `--config.*` fields in --extra-flags that the config does not have.
+
+    Checked here so that a typo stops before a slice is created and paid for;
+    skipped (empty) where the experiments' dependencies are not installed.
+    """
+    config_file = os.path.join(REPO_ROOT, args.config)
+    paths = [a[len("--config."):].split("=", 1)[0] for a in shlex.split(args.extra_flags)
+             if a.startswith("--config.")]
+    if not paths or not os.path.isfile(config_file):
+        return []
+    try:
+        from experiments import cli
+    except ImportError:
+        return []
+    return cli.unknown_overrides(cli.load_config_file(config_file), paths)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    messages = unknown_config_fields(args)
+    if messages:
+        print("error: " + "\n       ".join(messages), file=sys.stderr)
+        return 2
     hosts = num_hosts(args.accelerator_type)
     # A comment line, so that the --dry-run output is itself a valid shell script.
     print(f"# {args.accelerator_type}: {hosts} host{'s' if hosts > 1 else ''} (TPU VM workers); "

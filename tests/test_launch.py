@@ -169,6 +169,15 @@ def test_main_without_gcloud_is_a_clear_error(monkeypatch, capsys, tmp_path):
     assert "`gcloud` was not found" in capsys.readouterr().err
 
 
+def test_main_refuses_a_misspelt_config_field_before_creating_anything(monkeypatch, capsys,
+                                                                     tmp_path):
+    steps_run = _fake_subprocess(monkeypatch)
+    code = tpu.main(BASE + ["--accelerator-type=v4-8", f"--results-dir={tmp_path}",
+                            "--extra-flags=--config.sedes=(0,1)"])
+    assert code == 2 and steps_run() == []
+    assert "Did you mean --config.seeds?" in capsys.readouterr().err
+
+
 def test_main_fetches_results_after_a_failed_run(monkeypatch, tmp_path):
     steps_run = _fake_subprocess(monkeypatch, lambda c: "experiments.tta" in c[-1])
     assert tpu.main(BASE + ["--accelerator-type=v4-8", f"--results-dir={tmp_path}"]) == 1
