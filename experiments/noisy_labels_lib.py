@@ -330,7 +330,7 @@ def results_markdown(results: dict, config) -> str:
            f"{results['num_test']} clean test examples; {config.model} "
            f"{dict(config.model_kwargs)}, {config.epochs} epochs, batch {config.batch_size}, "
            f"{config.optimizer} lr {config.learning_rate:g} (cosine), EM / AdaDEM weight "
-           f"lam = {config.lam:g}. Test accuracy (%), mean ± std over seeds "
+           f"lam = {config.lam:g}. Test accuracy (%), mean ± std over seeds (population std, ddof=0) "
            f"{list(config.seeds)}.", "", "## Label noise (one fixed draw per setting, "
            f"seed {config.noise_seed})", ""]
     out += [plots.markdown_table(

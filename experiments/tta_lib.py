@@ -280,7 +280,7 @@ def results_markdown(results: dict, config) -> str:
     out = [f"# Test-time adaptation on {config.data}-C (severity {config.severity})", "",
            f"Source model ({config.model}) clean test accuracy: "
            f"{100 * results['source_accuracy']:.1f}%. Online top-1 accuracy (%), batch size "
-           f"{config.batch_size}, mean over seeds {list(config.seeds)} ± std over seeds, "
+           f"{config.batch_size}, mean over seeds {list(config.seeds)} ± std over seeds (population std, ddof=0), "
            f"{results['test_examples']} test images per domain"
            + (f" (a fixed subset of {results['test_split_size']})"
               if results["test_examples"] < results["test_split_size"] else "") + ".", ""]

@@ -317,7 +317,7 @@ def results_markdown(results: dict, config) -> str:
            f"Target accuracy (%) after {config.steps} steps (batch {config.batch_size} source + "
            f"{config.batch_size} target, {config.optimizer} lr {config.lr:g}, entropy weight "
            f"lam {config.lam:g}, DANN reversal weight {config.adv_weight:g}), mean ± std over "
-           f"seeds {list(config.seeds)}, on the target test examples that DEM*'s search did "
+           f"seeds {list(config.seeds)} (population std, ddof=0), on the target test examples that DEM*'s search did "
            "not see. Every row starts from the same source model.", ""]
     header = ["row"] + pairs
     table = [["source model (no adaptation)"] + [
