@@ -45,7 +45,8 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     return value
 
 
-def _override_paths(argv: list[str]) -> list[str]:
+def override_paths(argv: list[str]) -> list[str]:
+    """The field paths of the `--config.<path>=...` flags in argv."""
     paths = []
     for arg in argv:
         if arg.startswith("--config."):
@@ -81,7 +82,7 @@ def define_config(default_file: str, argv: list[str] | None = None) -> None:
     parse the overrides in `sys.argv`.
     """
     argv = sys.argv if argv is None else argv
-    paths = _override_paths(argv)
+    paths = override_paths(argv)
     config_file = _flag_value(argv, "config") or default_file
     if paths and os.path.isfile(config_file):
         messages = unknown_overrides(load_config_file(config_file), paths)
@@ -119,7 +120,7 @@ def check_overrides(flag) -> None:
     Args:
       flag: the parsed `--config` flag, `flags.FLAGS["config"]`.
     """
-    if not _override_paths(sys.argv):
+    if not override_paths(sys.argv):
         return
     reference = load_config_file(config_flags.get_config_filename(flag))
     messages = tuple_type_errors(flag.value, reference)

@@ -266,22 +266,13 @@ def train_run(exp: Experiment, setting: str, loss: str, seed: int) -> dict:
             "seconds": seconds + time.time() - t0}
 
 
-def cached(path: str, compute):
-    """Loads a finished unit of work, or computes and saves it."""
-    if os.path.exists(path):
-        return reporting.read_json(path)
-    out = compute()
-    reporting.write_json(path, out)
-    return out
-
-
 def run_units(exp: Experiment) -> dict:
     """{setting: {loss: {seed: unit}}} for every run of the grid."""
     c = exp.config
     units = [(s, loss, seed) for s in c.noise for loss in c.losses for seed in c.seeds]
     out: dict = {}
     for setting, loss, seed in reporting.progress(units, desc="noisy-label runs"):
-        unit = cached(exp.path(setting, loss, f"seed{seed}.json"),
+        unit = reporting.cached(exp.path(setting, loss, f"seed{seed}.json"),
                       lambda: train_run(exp, setting, loss, seed))
         out.setdefault(setting, {}).setdefault(loss, {})[seed] = unit
     return out
@@ -330,7 +321,8 @@ def results_markdown(results: dict, config) -> str:
            f"{results['num_test']} clean test examples; {config.model} "
            f"{dict(config.model_kwargs)}, {config.epochs} epochs, batch {config.batch_size}, "
            f"{config.optimizer} lr {config.learning_rate:g} (cosine), EM / AdaDEM weight "
-           f"lam = {config.lam:g}. Test accuracy (%), mean ± std over seeds (population std, ddof=0) "
+           f"lam = {config.lam:g}. Test accuracy (%), mean ± std over seeds "
+           f"({reporting.STD_KIND}) "
            f"{list(config.seeds)}.", "", "## Label noise (one fixed draw per setting, "
            f"seed {config.noise_seed})", ""]
     out += [plots.markdown_table(

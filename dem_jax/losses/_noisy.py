@@ -16,7 +16,8 @@ reverse mode.
 
 Labels are checked eagerly when their values are known (outside `jit`);
 under `jit` an unmasked label outside `[0, C)`, or an ELR index outside its
-table, gives a NaN loss rather than a silently wrong number. Masked examples may hold any label (e.g. -1 padding).
+table, gives a NaN loss rather than a silently wrong number. Masked examples
+may hold any label (e.g. -1 padding).
 """
 
 from __future__ import annotations
