@@ -11,7 +11,9 @@ For each shape and loss it times
 
 for three implementations of the loss:
 
-* ours:  `dem_jax.losses` (closed-form gradients in a `jax.custom_vjp`);
+* ours:  `dem_jax.losses` (closed-form gradients in a `jax.custom_vjp`; on
+  CPU the fused C++ kernels of `dem_jax/losses/_cpu`, or the pure-JAX closed
+  forms with `DEM_JAX_CPU_KERNELS=0` in the environment);
 * naive: the same math written directly with `jax.nn` and differentiated by
   autodiff (AdaDEM as Algorithm 1's stop-gradient surrogate, its MEC update
   with a one-hot matmul);
@@ -321,6 +323,9 @@ def main(argv=None):
         f"python {platform.python_version()}, {platform.machine()}")
   print(f"ours = {args.module}; dem tau={TAU} alpha={ALPHA}; adadem momentum={MOMENTUM}; "
         f"logits = {LOGIT_SCALE} * N(0, 1) float32; median of {args.repeats} rounds")
+  from dem_jax.losses import _kernels  # pylint: disable=import-outside-toplevel
+  print("fused CPU kernels: " + ("on" if _kernels.available() else
+                                 f"off ({_kernels.unavailable_reason()})"))
   load0 = os.getloadavg()[0]
   print(f"load average at start: {load0:.2f} on {os.cpu_count()} CPUs"
         + ("  (busy machine: timings will be noisy)" if load0 > 0.5 * os.cpu_count() else "")

@@ -23,9 +23,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dem_jax.losses import _common
+from dem_jax.losses import _kernels
 
 NORMS = ("l1", "l2", "linf", None)
 CALIBRATORS = ("mec", "gmc")
@@ -117,6 +119,11 @@ def mec_update(mec, probs, pseudo_labels, *, momentum=0.1, where=None,
   sums = jax.ops.segment_sum(probs * weights[:, None], pseudo_labels,
                              num_segments=num_classes)
   counts = jax.ops.segment_sum(weights, pseudo_labels, num_segments=num_classes)
+  return _mec_from_sums(mec, sums, counts, momentum, axis_name)
+
+
+def _mec_from_sums(mec, sums, counts, momentum, axis_name):
+  """The MEC update from per-class sums `[C, C]` and counts `[C]`."""
   if axis_name is not None:
     sums, counts = lax.psum((sums, counts), axis_name)
   means = sums / jnp.maximum(counts, 1.0)[:, None]
@@ -329,6 +336,7 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
   """
   fn = "adadem"
   check_adadem_options(norm, calibrator, delta_from, fn)
+  momentum_value = _common.concrete_value(momentum)  # before it is traced
   momentum = _check_momentum(momentum, fn)
   z, mask = _common.to_examples(logits, axis, where, fn)
   num_classes = z.shape[-1]
@@ -339,6 +347,23 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
         "call returns; only calibrator='gmc' (AdaDEM-Norm) runs without one.")
   if mec is not None:
     _check_mec(mec, num_classes, fn)
+  options = dict(momentum=momentum, norm=norm, calibrator=calibrator,
+                 delta_from=delta_from, axis_name=axis_name)
+  if _kernels.usable(z):
+    value, new_mec = _kernels.on_cpu(
+        (z, mec, mask),
+        functools.partial(_adadem_kernel_path, momentum_value=momentum_value,
+                          **options),
+        functools.partial(_adadem_jax_path, **options))
+  else:
+    value, new_mec = _adadem_jax_path(z, mec, mask, **options)
+  return _common.apply_mask(value, mask), new_mec
+
+
+def _adadem_jax_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
+                     axis_name):
+  """AdaDEM on float32 `[..., C]` logits in pure JAX: `(value, new_mec)`."""
+  num_classes = z.shape[-1]
   stats = softmax_stats(lax.stop_gradient(z))
   if calibrator == "gmc":
     new_mec = mec
@@ -354,4 +379,62 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
                          momentum=momentum, where=flat_mask, axis_name=axis_name)
     m = new_mec.astype(jnp.float32)[yhat]
   value = _adadem(z, stats, m, norm, calibrator, delta_from)
-  return _common.apply_mask(value, mask), new_mec
+  return value, new_mec
+
+
+def _adadem_kernel_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
+                        axis_name, momentum_value=None):
+  """`_adadem_jax_path` with the fused CPU kernels (`_kernels`).
+
+  One kernel gives the softmax statistics, the pseudo-labels and (for the MEC)
+  the per-class sums of the update; the update itself (with its `psum`) is
+  `_mec_from_sums`; the value and backward kernels read each example's MEC row
+  from the state by its pseudo-label instead of gathering a `[..., C]` copy.
+  """
+  zs = lax.stop_gradient(z)
+  if calibrator == "gmc":
+    # The entropy's statistics (max, lse, E_p[zc]); no pseudo-label or MEC
+    # row is read by the GMC kernels.
+    stats = _kernels.dem_forward(zs, "entropy", 1.0, 1.0)[1]
+    yhat = jnp.zeros((1,), jnp.int32)
+    new_mec = mec
+    table = jnp.zeros((1, 1), jnp.float32)
+  else:
+    weights = (jnp.ones(z.shape[:-1], jnp.float32) if mask is None
+               else mask.astype(jnp.float32))
+    if axis_name is None and momentum_value is not None:
+      # One device, a known momentum: the kernel updates the state as well.
+      stats, yhat, table, _ = _kernels.ada_stats(
+          zs, weights, lax.stop_gradient(mec).astype(jnp.float32), momentum_value)
+      new_mec = table.astype(mec.dtype)
+    else:
+      stats, yhat, sums, counts = _kernels.ada_stats(zs, weights)
+      new_mec = _mec_from_sums(mec, sums, counts, momentum, axis_name)
+      table = new_mec.astype(jnp.float32)
+  value = _adadem_kernel(z, stats, yhat, table, norm, calibrator, delta_from)
+  return value, new_mec
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _adadem_kernel(z, stats, yhat, table, norm, calibrator, delta_from):
+  return _kernels.ada_forward(lax.stop_gradient(z), stats, yhat, table, norm=norm,
+                              calibrator=calibrator, delta_from=delta_from)[0]
+
+
+def _adadem_kernel_fwd(z, stats, yhat, table, norm, calibrator, delta_from):
+  value, res = _kernels.ada_forward(lax.stop_gradient(z), stats, yhat, table,
+                                    norm=norm, calibrator=calibrator,
+                                    delta_from=delta_from)
+  return value, (z, stats, yhat, table, res)
+
+
+def _adadem_kernel_bwd(norm, calibrator, delta_from, residuals, g):
+  del norm, delta_from
+  z, stats, yhat, table, res = residuals
+  dz = _kernels.ada_backward(lax.stop_gradient(z), stats, yhat, table, res, g,
+                             calibrator=calibrator)
+  return (_first_order_only(dz, z), jnp.zeros_like(stats),
+          np.zeros(yhat.shape, jax.dtypes.float0), jnp.zeros_like(table))
+
+
+_adadem_kernel.defvjp(_adadem_kernel_fwd, _adadem_kernel_bwd)

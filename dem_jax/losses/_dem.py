@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dem_jax.losses import _common
+from dem_jax.losses import _kernels
 
 # --------------------------------------------------------------------------
 # Closed forms on float32 [..., C] logits. Every value is computed from logits
@@ -111,27 +112,56 @@ def _decoupled_bwd(mode, res, g):
 _decoupled.defvjp(_decoupled_fwd, _decoupled_bwd)
 
 
+# The same closed forms as one fused CPU kernel per pass (`_kernels`), used
+# on CPU when tau and alpha are known at trace time (a traced tau or alpha,
+# e.g. a vmapped DEM* grid or a gradient in tau, runs `_decoupled`).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _decoupled_kernel(z, mode, tau, alpha):
+  return _kernels.dem_forward(z, mode, tau, alpha)[0]
+
+
+def _decoupled_kernel_fwd(z, mode, tau, alpha):
+  value, stats = _kernels.dem_forward(z, mode, tau, alpha)
+  return value, (z, stats)
+
+
+def _decoupled_kernel_bwd(mode, tau, alpha, res, g):
+  z, stats = res
+  return (_kernels.dem_backward(z, stats, g, mode, tau, alpha),)
+
+
+_decoupled_kernel.defvjp(_decoupled_kernel_fwd, _decoupled_kernel_bwd)
+
+
 def _run(logits, tau, alpha, mode, axis, where, fn):
+  """tau, alpha: `(float32 scalar, float or None)` from `_check_tau`/`_check_alpha`."""
   z, mask = _common.to_examples(logits, axis, where, fn)
-  value = _decoupled(z, tau, alpha, mode)
+  (tau, t), (alpha, a) = tau, alpha
+  if t is not None and a is not None and _kernels.usable(z):
+    value = _kernels.on_cpu(
+        (z,), lambda z: _decoupled_kernel(z, mode, t, a),
+        lambda z: _decoupled(z, tau, alpha, mode))
+  else:
+    value = _decoupled(z, tau, alpha, mode)
   return _common.apply_mask(value, mask)
 
 
 def _check_tau(tau, fn):
+  """tau as a float32 scalar, and as a float when known at trace time (else None)."""
+  value = _common.concrete_value(tau)  # before jnp.asarray, which traces under jit
   tau = _common.check_scalar(tau, "tau", fn)
-  value = _common.concrete_value(tau)
   if value is not None and not value > 0:
     raise ValueError(f"{fn}: tau must be > 0 (a temperature), got {value}.")
-  return tau
+  return tau, value
 
 
 def _check_alpha(alpha, fn):
-  alpha = _common.check_scalar(alpha, "alpha", fn)
   value = _common.concrete_value(alpha)
+  alpha = _common.check_scalar(alpha, "alpha", fn)
   if value is not None and not value >= 0:
     raise ValueError(
         f"{fn}: alpha must be >= 0 (the weight of GMC), got {value}.")
-  return alpha
+  return alpha, value
 
 
 # --------------------------------------------------------------------------
@@ -167,7 +197,8 @@ def entropy(logits, *, axis: int = -1, where=None) -> jax.Array:
     >>> losses.entropy(jnp.array([[0.0, 0.0], [10.0, 0.0]]))
     Array([6.9314718e-01, 4.9939845e-04], dtype=float32)
   """
-  return _run(logits, 1.0, 1.0, "entropy", axis, where, "entropy")
+  one = (1.0, 1.0)
+  return _run(logits, one, one, "entropy", axis, where, "entropy")
 
 
 def cadf(logits, tau=1.0, *, axis: int = -1, where=None) -> jax.Array:
@@ -194,7 +225,7 @@ def cadf(logits, tau=1.0, *, axis: int = -1, where=None) -> jax.Array:
     Array([-1.9568301], dtype=float32)
   """
   tau = _check_tau(tau, "cadf")
-  return _run(logits, tau, 0.0, "cadf", axis, where, "cadf")
+  return _run(logits, tau, (0.0, 0.0), "cadf", axis, where, "cadf")
 
 
 def gmc(logits, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
@@ -220,7 +251,7 @@ def gmc(logits, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
     Array([0.6931472], dtype=float32)
   """
   alpha = _check_alpha(alpha, "gmc")
-  return _run(logits, 1.0, alpha, "gmc", axis, where, "gmc")
+  return _run(logits, (1.0, 1.0), alpha, "gmc", axis, where, "gmc")
 
 
 def dem_valid(tau, alpha) -> bool | np.ndarray:
@@ -284,7 +315,7 @@ def dem(logits, tau=1.0, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
   """
   tau = _check_tau(tau, "dem")
   alpha = _check_alpha(alpha, "dem")
-  t, a = _common.concrete_value(tau), _common.concrete_value(alpha)
+  t, a = tau[1], alpha[1]
   if t is not None and a is not None and not dem_valid(t, a):
     warnings.warn(
         f"dem: (tau={t:g}, alpha={a:g}) is outside Prop. A.1's region "

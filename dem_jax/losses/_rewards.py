@@ -41,8 +41,8 @@ def rewards(logits, *, tau=1.0, alpha=1.0, mec=None, axis: int = -1) -> dict[str
   fn = "rewards"
   z, _ = _common.to_examples(logits, axis, None, fn)
   num_classes = z.shape[-1]
-  tau = _dem._check_tau(tau, fn)
-  alpha = _dem._check_alpha(alpha, fn)
+  tau = _dem._check_tau(tau, fn)[0]
+  alpha = _dem._check_alpha(alpha, fn)[0]
   if mec is None:
     mec = _adadem.mec_init(num_classes)
   _adadem._check_mec(mec, num_classes, fn)

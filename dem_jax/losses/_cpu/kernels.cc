@@ -1,0 +1,828 @@
+// Fused CPU kernels for dem_jax.losses (XLA FFI custom calls).
+//
+// XLA's CPU backend writes every row reduction of a loss to memory and reads
+// the logits again for the next one; these kernels make one pass over each
+// row while it is in cache. They compute exactly the closed forms of the
+// Python code in ../_dem.py and ../_adadem.py (same centring on the row
+// maximum, same handling of masked (-inf) classes), which remains the
+// reference and the path used on GPU/TPU and for traced tau/alpha.
+//
+// Rows are processed in one of two layouts, with the loss math written once
+// (templates over the layout):
+//   RowTile  - one example at a time, vectorised across its classes (C > 32);
+//   LaneTile - 16 examples at a time, one per vector lane, looping over the
+//              classes of a transposed tile (few classes: pixel-wise
+//              segmentation with C = 19 would waste most of a vector).
+// Work is split over XLA's intra-op thread pool by blocks of rows.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+constexpr int64_t kMaxLaneClasses = 32;  // LaneTile for C <= this
+constexpr float kLowest = -std::numeric_limits<float>::max();
+constexpr float kMax = std::numeric_limits<float>::max();
+
+// ---------------------------------------------------------------------------
+// Scalar/vector math written once: V is float or v16.
+// ---------------------------------------------------------------------------
+
+template <class V> struct Traits;
+template <> struct Traits<float> {
+  using I = int32_t;
+  static float Splat(float x) { return x; }
+  static int32_t ToInt(float x) { return static_cast<int32_t>(x); }
+  static float ToFloat(int32_t x) { return static_cast<float>(x); }
+};
+template <> struct Traits<v16> {
+  using I = i16;
+  static v16 Splat(float x) { return v16{} + x; }
+  static i16 ToInt(v16 x) { return __builtin_convertvector(x, i16); }
+  static v16 ToFloat(i16 x) { return __builtin_convertvector(x, v16); }
+};
+
+template <class To, class From>
+inline To Bits(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  std::memcpy(&t, &x, sizeof(t));
+  return t;
+}
+
+template <class V> inline V S(float x) { return Traits<V>::Splat(x); }
+template <class M, class V> inline V Sel(M m, V a, V b) { return m ? a : b; }
+template <class V> inline V Max(V a, V b) { return Sel(a > b, a, b); }
+template <class V> inline V Min(V a, V b) { return Sel(a < b, a, b); }
+template <class V> inline V Abs(V a) { return Sel(a < S<V>(0.f), -a, a); }
+
+// exp(x) for x <= 0 (relative error ~2 ulp); exactly 0 below -87 and at -inf.
+template <class V>
+inline V ExpNeg(V x) {
+  using T = Traits<V>;
+  V xc = Max(x, S<V>(-87.0f));
+  V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
+  V r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = S<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  auto scale = Bits<V>((T::ToInt(n) + 127) << 23);
+  return Sel(x < S<V>(-87.0f), S<V>(0.0f), p * scale);
+}
+
+// log(x) for normal x > 0 (relative error ~2 ulp).
+template <class V>
+inline V Log(V x) {
+  using T = Traits<V>;
+  using I = typename T::I;
+  I bits = Bits<I>(x);
+  I e = ((bits >> 23) & 0xff) - 126;
+  V m = Bits<V>((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  auto small = m < S<V>(0.70710678f);
+  V ef = T::ToFloat(e) - Sel(small, S<V>(1.0f), S<V>(0.0f));
+  V u = Sel(small, m + m, m) - 1.0f;
+  V z = u * u;
+  V y = S<V>(7.0376836292e-2f);
+  y = y * u - 1.1514610310e-1f;
+  y = y * u + 1.1676998740e-1f;
+  y = y * u - 1.2420140846e-1f;
+  y = y * u + 1.4249322787e-1f;
+  y = y * u - 1.6668057665e-1f;
+  y = y * u + 2.0000714765e-1f;
+  y = y * u - 2.4999993993e-1f;
+  y = y * u + 3.3333331174e-1f;
+  y = y * u * z;
+  y = y + ef * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return u + y + ef * 0.693359375f;
+}
+
+// ---------------------------------------------------------------------------
+// Layouts. Each gives the logits (and MEC rows) of its examples as V per
+// class j, and Sum/Max/Min/Each loops over the classes.
+// ---------------------------------------------------------------------------
+
+template <class V> struct V3 { V a, b, c; };
+
+struct RowTile {
+  using V = float;
+  int64_t c;
+  const float* z;
+  const float* mec_row = nullptr;  // this example's MEC row, if any
+  float* out = nullptr;            // gradient row, if any
+
+  V Z(int64_t j) const { return z[j]; }
+  V M(int64_t j) const { return mec_row[j]; }
+  void Out(int64_t j, V v) const { out[j] = v; }
+
+  template <class F> V Sum(F f) const {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < c; ++j) s += f(j);
+    return s;
+  }
+  // Three sums in one pass: f(j) returns a V3.
+  template <class F> V3<V> Sum3(F f) const {
+    float a = 0.0f, b = 0.0f, d = 0.0f;
+#pragma omp simd reduction(+ : a, b, d)
+    for (int64_t j = 0; j < c; ++j) {
+      V3<V> r = f(j);
+      a += r.a;
+      b += r.b;
+      d += r.c;
+    }
+    return {a, b, d};
+  }
+  template <class F> V MaxOf(F f) const {
+    float s = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : s)
+    for (int64_t j = 0; j < c; ++j) {
+      float v = f(j);
+      s = v > s ? v : s;
+    }
+    return s;
+  }
+  template <class F> V MinOf(F f) const {
+    float s = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : s)
+    for (int64_t j = 0; j < c; ++j) {
+      float v = f(j);
+      s = v < s ? v : s;
+    }
+    return s;
+  }
+  template <class F> void Each(F f) const {
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) f(j);
+  }
+};
+
+struct LaneTile {
+  using V = v16;
+  int64_t c;
+  const float* z;              // transposed [c][16]
+  const float* mec = nullptr;  // transposed MEC rows [c][16], if any
+  float* out = nullptr;        // transposed gradient [c][16], if any
+
+  static V Load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  V Z(int64_t j) const { return Load(z + j * kLanes); }
+  V M(int64_t j) const { return Load(mec + j * kLanes); }
+  void Out(int64_t j, V v) const { std::memcpy(out + j * kLanes, &v, sizeof(v)); }
+
+  template <class F> V Sum(F f) const {
+    V s = S<V>(0.0f);
+    for (int64_t j = 0; j < c; ++j) s += f(j);
+    return s;
+  }
+  template <class F> V3<V> Sum3(F f) const {
+    V3<V> s{S<V>(0.0f), S<V>(0.0f), S<V>(0.0f)};
+    for (int64_t j = 0; j < c; ++j) {
+      V3<V> r = f(j);
+      s.a += r.a;
+      s.b += r.b;
+      s.c += r.c;
+    }
+    return s;
+  }
+  template <class F> V MaxOf(F f) const {
+    V s = S<V>(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < c; ++j) s = Max(s, f(j));
+    return s;
+  }
+  template <class F> V MinOf(F f) const {
+    V s = S<V>(std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < c; ++j) s = Min(s, f(j));
+    return s;
+  }
+  template <class F> void Each(F f) const {
+    for (int64_t j = 0; j < c; ++j) f(j);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Threading over blocks of rows on XLA's intra-op pool. The caller takes
+// blocks too and waits only for blocks other threads have started, so it
+// never waits on a task that has not run.
+// ---------------------------------------------------------------------------
+
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+template <class F>
+void ParallelBlocks(ffi::ThreadPool& pool, int64_t rows, int64_t cols, int64_t align,
+                    F&& body) {
+  int64_t threads = pool.num_threads();
+  if (threads <= 1 || rows * cols < (1 << 15) || rows < 2 * align) {
+    body(0, rows);
+    return;
+  }
+  int64_t blocks = std::min<int64_t>(threads * 4, rows / align);
+  int64_t per = (rows + blocks - 1) / blocks;
+  per = (per + align - 1) / align * align;
+  blocks = (rows + per - 1) / per;
+  auto progress = std::make_shared<Progress>();
+  auto work = [progress, blocks, per, rows, &body]() {
+    for (;;) {
+      int64_t i = progress->next.fetch_add(1);
+      if (i >= blocks) return;
+      body(i * per, std::min(rows, (i + 1) * per));
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  // A task that starts after every block is taken returns at once; it holds
+  // `progress` (shared), never `body` (which lives until the last block ends).
+  for (int64_t t = 1; t < std::min(threads, blocks); ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  while (progress->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
+}
+
+// Runs `tile_fn(tile, lanes)` over rows [begin, end) in the layout that suits
+// C; `setup(tile, first_row, lanes)` fills per-example pointers (MEC rows,
+// outputs). For LaneTile, the last group repeats its last row in the unused
+// lanes (their results are dropped).
+template <class RowFn, class LaneFn>
+void ForRows(int64_t begin, int64_t end, int64_t c, const float* z, RowFn row_fn,
+             LaneFn lane_fn) {
+  if (c > kMaxLaneClasses) {
+    for (int64_t r = begin; r < end; ++r) {
+      RowTile t{c, z + r * c};
+      row_fn(t, r);
+    }
+    return;
+  }
+  alignas(64) float tz[kMaxLaneClasses * kLanes];
+  for (int64_t r0 = begin; r0 < end; r0 += kLanes) {
+    int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - r0));
+    for (int l = 0; l < kLanes; ++l) {
+      const float* src = z + (r0 + std::min(l, lanes - 1)) * c;
+      for (int64_t j = 0; j < c; ++j) tz[j * kLanes + l] = src[j];
+    }
+    LaneTile t{c, tz};
+    lane_fn(t, r0, lanes);
+  }
+}
+
+// Per-example scalar results: RowTile returns float, LaneTile v16.
+inline void Put(float* dst, int64_t r, int64_t stride, int64_t k, float v, int) {
+  dst[r * stride + k] = v;
+}
+inline void Put(float* dst, int64_t r0, int64_t stride, int64_t k, v16 v, int lanes) {
+  for (int l = 0; l < lanes; ++l) dst[(r0 + l) * stride + k] = v[l];
+}
+inline float Get(const float* src, int64_t r, int64_t stride, int64_t k, float) {
+  return src[r * stride + k];
+}
+inline v16 Get(const float* src, int64_t r0, int64_t stride, int64_t k, v16, int lanes) {
+  v16 v;
+  for (int l = 0; l < kLanes; ++l) v[l] = src[(r0 + std::min(l, lanes - 1)) * stride + k];
+  return v;
+}
+
+// Centred logits: zc = max(z - max z, lowest) (masked classes -> lowest, so
+// exp gives 0 and 0 * zc stays 0), and the row maximum (0 if all masked).
+template <class T>
+inline typename T::V RowMax(const T& t) {
+  using V = typename T::V;
+  V m = t.MaxOf([&](int64_t j) { return t.Z(j); });
+  return Sel(Abs(m) <= S<V>(kMax), m, S<V>(0.0f));
+}
+
+// ---------------------------------------------------------------------------
+// EM / CADF / GMC / DEM. Residual stats per example: (max, lse_p, lse_q, mean)
+// with mean = E_p[zc] (entropy) or E_q[zc] (the others).
+// ---------------------------------------------------------------------------
+
+enum Mode : int64_t { kEntropy = 0, kCadf = 1, kGmc = 2, kDem = 3 };
+constexpr int64_t kDemStats = 4;
+
+template <class T>
+inline void DemForward(const T& t, int64_t mode, float tau, float alpha,
+                       typename T::V* value, typename T::V stats[kDemStats]) {
+  using V = typename T::V;
+  V m = RowMax(t);
+  auto zc = [&](int64_t j) { return Max(t.Z(j) - m, S<V>(kLowest)); };
+  V lse_p = S<V>(0.f), lse_q = S<V>(0.f), mean = S<V>(0.f);
+  bool need_p = mode != kCadf, need_q = mode == kCadf || mode == kDem;
+  using W = V3<V>;
+  if (mode == kEntropy) {
+    W r = t.Sum3([&](int64_t j) {
+      V x = zc(j), e = ExpNeg(x);
+      return W{e, e * x, S<V>(0.0f)};
+    });
+    V inv = 1.0f / Max(r.a, S<V>(1.0f));
+    lse_p = Log(Max(r.a, S<V>(1.0f)));
+    mean = r.b * inv;
+    *value = lse_p - mean;
+  } else {
+    float inv_tau = 1.0f / tau;
+    W r;
+    if (need_p && need_q) {
+      r = t.Sum3([&](int64_t j) {
+        V x = zc(j), f = ExpNeg(x * inv_tau);
+        return W{ExpNeg(x), f, f * x};
+      });
+    } else if (need_q) {
+      r = t.Sum3([&](int64_t j) {
+        V x = zc(j), f = ExpNeg(x * inv_tau);
+        return W{S<V>(0.0f), f, f * x};
+      });
+    } else {
+      r = t.Sum3([&](int64_t j) { return W{ExpNeg(zc(j)), S<V>(0.0f), S<V>(0.0f)}; });
+    }
+    if (need_p) lse_p = Log(Max(r.a, S<V>(1.0f)));
+    if (need_q) {
+      lse_q = Log(Max(r.b, S<V>(1.0f)));
+      mean = r.c / Max(r.b, S<V>(1.0f));
+    }
+    if (mode == kGmc) *value = alpha * (lse_p + m);
+    else if (mode == kCadf) *value = -mean - m;
+    else *value = -mean + alpha * lse_p + (alpha - 1.0f) * m;
+  }
+  stats[0] = m; stats[1] = lse_p; stats[2] = lse_q; stats[3] = mean;
+}
+
+// dz = g (alpha p) [GMC]  - g (q / tau)(zc - E_q zc + tau) [CADF]; for the
+// entropy both at once: g p (E_p zc - zc).
+template <class T>
+inline void DemBackward(const T& t, int64_t mode, float tau, float alpha,
+                        const typename T::V stats[kDemStats], typename T::V g) {
+  using V = typename T::V;
+  V m = stats[0], lse_p = stats[1], lse_q = stats[2], mean = stats[3];
+  float inv_tau = 1.0f / tau;
+  auto zc = [&](int64_t j) { return Max(t.Z(j) - m, S<V>(kLowest)); };
+  if (mode == kEntropy) {
+    t.Each([&](int64_t j) {
+      V x = zc(j);
+      t.Out(j, g * ExpNeg(x - lse_p) * (mean - x));
+    });
+  } else if (mode == kGmc) {
+    V ga = g * alpha;
+    t.Each([&](int64_t j) { t.Out(j, ga * ExpNeg(zc(j) - lse_p)); });
+  } else if (mode == kCadf) {
+    V gt = g * inv_tau;
+    t.Each([&](int64_t j) {
+      V x = zc(j);
+      t.Out(j, -gt * ExpNeg(x * inv_tau - lse_q) * (x - mean + tau));
+    });
+  } else {
+    V ga = g * alpha, gt = g * inv_tau;
+    t.Each([&](int64_t j) {
+      V x = zc(j);
+      V gmc = ga * ExpNeg(x - lse_p);
+      V cadf = gt * ExpNeg(x * inv_tau - lse_q) * (x - mean + tau);
+      t.Out(j, gmc - cadf);
+    });
+  }
+}
+
+int64_t Rows(const ffi::AnyBuffer& z, int64_t* c) {
+  auto dims = z.dimensions();
+  *c = dims.back();
+  return *c == 0 ? 0 : static_cast<int64_t>(z.element_count()) / *c;
+}
+
+ffi::Error DemFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t mode, float tau,
+                      float alpha, ffi::Result<ffi::AnyBuffer> value,
+                      ffi::Result<ffi::AnyBuffer> stats) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  const float* zp = z.typed_data<float>();
+  float* vp = value->typed_data<float>();
+  float* sp = stats->typed_data<float>();
+  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    ForRows(b, e, c, zp,
+        [&](const RowTile& t, int64_t r) {
+          float v, s[kDemStats];
+          DemForward(t, mode, tau, alpha, &v, s);
+          vp[r] = v;
+          for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = s[k];
+        },
+        [&](const LaneTile& t, int64_t r0, int lanes) {
+          v16 v, s[kDemStats];
+          DemForward(t, mode, tau, alpha, &v, s);
+          Put(vp, r0, 1, 0, v, lanes);
+          for (int k = 0; k < kDemStats; ++k) Put(sp, r0, kDemStats, k, s[k], lanes);
+        });
+  });
+  return ffi::Error::Success();
+}
+
+// Writes a transposed [c][16] gradient tile back to rows r0..r0+lanes.
+inline void StoreTile(const float* tile, float* dst, int64_t r0, int lanes, int64_t c) {
+  for (int l = 0; l < lanes; ++l) {
+    float* row = dst + (r0 + l) * c;
+    for (int64_t j = 0; j < c; ++j) row[j] = tile[j * kLanes + l];
+  }
+}
+
+ffi::Error DemBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stats,
+                      ffi::AnyBuffer g, int64_t mode, float tau, float alpha,
+                      ffi::Result<ffi::AnyBuffer> dz) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  const float* zp = z.typed_data<float>();
+  const float* sp = stats.typed_data<float>();
+  const float* gp = g.typed_data<float>();
+  float* dp = dz->typed_data<float>();
+  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    alignas(64) float tile[kMaxLaneClasses * kLanes];
+    ForRows(b, e, c, zp,
+        [&](RowTile& t, int64_t r) {
+          float s[kDemStats];
+          for (int k = 0; k < kDemStats; ++k) s[k] = sp[r * kDemStats + k];
+          t.out = dp + r * c;
+          DemBackward(t, mode, tau, alpha, s, gp[r]);
+        },
+        [&](LaneTile& t, int64_t r0, int lanes) {
+          v16 s[kDemStats];
+          for (int k = 0; k < kDemStats; ++k) s[k] = Get(sp, r0, kDemStats, k, v16{}, lanes);
+          t.out = tile;
+          DemBackward(t, mode, tau, alpha, s, Get(gp, r0, 1, 0, v16{}, lanes));
+          StoreTile(tile, dp, r0, lanes, c);
+        });
+  });
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------
+// AdaDEM. Softmax stats per example as for the entropy: (max, lse, 0, E_p zc),
+// plus the pseudo-label (first argmax).
+// ---------------------------------------------------------------------------
+
+// The pseudo-label: the first index at the row maximum m (an all-masked row
+// has none and gets 0, as jnp.argmax gives).
+inline float FirstArgmax(const RowTile& t, float m) {
+  constexpr int64_t kBlock = 64;  // a vectorised test per block, then a scan
+  for (int64_t j0 = 0; j0 < t.c; j0 += kBlock) {
+    int64_t end = std::min(t.c, j0 + kBlock);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t j = j0; j < end; ++j) hit |= (t.z[j] == m);
+    if (hit) {
+      for (int64_t j = j0; j < end; ++j)
+        if (t.z[j] == m) return static_cast<float>(j);
+    }
+  }
+  return 0.0f;
+}
+
+inline v16 FirstArgmax(const LaneTile& t, v16 m) {
+  float none = static_cast<float>(t.c);
+  v16 first = t.MinOf([&](int64_t j) {
+    return Sel(t.Z(j) == m, S<v16>(static_cast<float>(j)), S<v16>(none));
+  });
+  return Sel(first < S<v16>(none), first, S<v16>(0.0f));
+}
+
+// Adds w * p of one example to its class row of `sums` (RowTile only).
+inline void AddPrediction(const RowTile& t, const float stats[kDemStats], float w,
+                          float* sums_row) {
+  float m = stats[0], lse = stats[1];
+#pragma omp simd
+  for (int64_t j = 0; j < t.c; ++j)
+    sums_row[j] += w * ExpNeg(std::max(t.z[j] - m, kLowest) - lse);
+}
+
+// stats [N, 4] (max, lse, 0, E_p zc), yhat [N] (first argmax) and, per class,
+// `sums` [C, C] of w * p and `counts` [C] of w (the MEC update's segment
+// sums). With `old` (the MEC state) the update is done here too: `sums`
+// receives the new state, without a separate pass over the (C, C) arrays.
+void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
+                  float* sp, int32_t* yp, const float* wp, float* sums, float* counts,
+                  const float* old, float momentum) {
+  auto finish = [&](int64_t k) {  // class row k: sum -> new state (update mode)
+    float* row = sums + k * c;
+    const float* prev = old + k * c;
+    if (counts[k] > 0.0f) {
+      float inv = 1.0f / counts[k], keep = 1.0f - momentum;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) row[j] = keep * prev[j] + momentum * (row[j] * inv);
+    } else {
+      std::memcpy(row, prev, sizeof(float) * c);
+    }
+  };
+  // Few classes (the LaneTile layout of ForRows): the sums are made in the
+  // same pass, in a private (C, C) table per block of rows.
+  bool fused = c <= kMaxLaneClasses;
+  std::mutex merge;
+  std::memset(counts, 0, sizeof(float) * c);
+  if (fused) std::memset(sums, 0, sizeof(float) * c * c);
+  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    std::vector<float> local;
+    if (fused) local.assign(c * c + c, 0.0f);
+    ForRows(b, e, c, zp,
+        [&](const RowTile& t, int64_t r) {
+          float v, st[kDemStats];
+          DemForward(t, kEntropy, 1.0f, 1.0f, &v, st);
+          for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
+          yp[r] = static_cast<int32_t>(FirstArgmax(t, st[0]));  // sums below
+        },
+        [&](const LaneTile& t, int64_t r0, int lanes) {
+          v16 v, st[kDemStats];
+          DemForward(t, kEntropy, 1.0f, 1.0f, &v, st);
+          for (int k = 0; k < kDemStats; ++k) Put(sp, r0, kDemStats, k, st[k], lanes);
+          v16 y = FirstArgmax(t, st[0]);
+          for (int l = 0; l < lanes; ++l) yp[r0 + l] = static_cast<int32_t>(y[l]);
+          alignas(64) float pt[kMaxLaneClasses * kLanes];
+          t.Each([&](int64_t j) {
+            v16 p = ExpNeg(Max(t.Z(j) - st[0], S<v16>(kLowest)) - st[1]);
+            std::memcpy(pt + j * kLanes, &p, sizeof(p));
+          });
+          for (int l = 0; l < lanes; ++l) {
+            float w = wp[r0 + l];
+            float* row = local.data() + yp[r0 + l] * c;
+            for (int64_t j = 0; j < c; ++j) row[j] += w * pt[j * kLanes + l];
+            local[c * c + yp[r0 + l]] += w;
+          }
+        });
+    if (fused) {
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t k = 0; k < c * c; ++k) sums[k] += local[k];
+      for (int64_t k = 0; k < c; ++k) counts[k] += local[c * c + k];
+    }
+  });
+  if (fused) {
+    if (old != nullptr)
+      for (int64_t k = 0; k < c; ++k) finish(k);
+    return;
+  }
+  // Many classes: group the examples by pseudo-label (counting sort); each
+  // thread then owns whole class rows, and every row is written once.
+  std::vector<int64_t> start(c + 1, 0), order(n);
+  for (int64_t r = 0; r < n; ++r) ++start[yp[r] + 1];
+  for (int64_t k = 0; k < c; ++k) start[k + 1] += start[k];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t r = 0; r < n; ++r) order[fill[yp[r]]++] = r;
+  }
+  ParallelBlocks(pool, c, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      std::memset(sums + k * c, 0, sizeof(float) * c);
+      for (int64_t i = start[k]; i < start[k + 1]; ++i) {
+        int64_t r = order[i];
+        if (wp[r] == 0.0f) continue;
+        RowTile t{c, zp + r * c};
+        AddPrediction(t, sp + r * kDemStats, wp[r], sums + k * c);
+        counts[k] += wp[r];
+      }
+      if (old != nullptr) finish(k);
+    }
+  });
+}
+
+ffi::Error AdaStatsFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer weights,
+                       ffi::Result<ffi::AnyBuffer> stats, ffi::Result<ffi::AnyBuffer> yhat,
+                       ffi::Result<ffi::AnyBuffer> sums, ffi::Result<ffi::AnyBuffer> counts) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  AdaStatsImpl(pool, z.typed_data<float>(), n, c, stats->typed_data<float>(),
+               yhat->typed_data<int32_t>(), weights.typed_data<float>(),
+               sums->typed_data<float>(), counts->typed_data<float>(), nullptr, 0.0f);
+  return ffi::Error::Success();
+}
+
+ffi::Error AdaStatsUpdateFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer weights,
+                             ffi::AnyBuffer mec, float momentum,
+                             ffi::Result<ffi::AnyBuffer> stats,
+                             ffi::Result<ffi::AnyBuffer> yhat,
+                             ffi::Result<ffi::AnyBuffer> new_mec,
+                             ffi::Result<ffi::AnyBuffer> counts) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  AdaStatsImpl(pool, z.typed_data<float>(), n, c, stats->typed_data<float>(),
+               yhat->typed_data<int32_t>(), weights.typed_data<float>(),
+               new_mec->typed_data<float>(), counts->typed_data<float>(),
+               mec.typed_data<float>(), momentum);
+  return ffi::Error::Success();
+}
+
+enum Norm : int64_t { kNoNorm = 0, kL1 = 1, kL2 = 2, kLinf = 3 };
+constexpr int64_t kAdaRes = 3;  // (1 / delta, scale, empty) per example
+constexpr float kDeltaFloor = 1e-6f;
+
+// Value (T + c . z) / delta and the residuals of the backward pass; c is the
+// MEC row renormalised over the live classes (or p for the GMC).
+template <class T>
+inline void AdaForward(const T& t, const typename T::V st[kDemStats], int64_t norm,
+                       bool gmc, bool delta_from_entropy, typename T::V* value,
+                       typename T::V res[kAdaRes]) {
+  using V = typename T::V;
+  V m = st[0], lse = st[1], mean = st[3];
+  float shift = delta_from_entropy ? 0.0f : 1.0f;
+  auto zc = [&](int64_t j) { return Max(t.Z(j) - m, S<V>(kLowest)); };
+  auto reward = [&](int64_t j) {
+    V x = zc(j);
+    return ExpNeg(x - lse) * (x - mean + shift);
+  };
+  V delta = S<V>(1.0f);
+  if (norm == kL1) {
+    delta = t.Sum([&](int64_t j) { return Abs(reward(j)); });
+  } else if (norm == kL2) {
+    V sq = t.Sum([&](int64_t j) { V r = reward(j); return r * r; });
+    if constexpr (std::is_same_v<V, float>) delta = std::sqrt(sq);
+    else for (int l = 0; l < kLanes; ++l) delta[l] = std::sqrt(sq[l]);
+  } else if (norm == kLinf) {
+    delta = t.MaxOf([&](int64_t j) { return Abs(reward(j)); });
+  }
+  V inv_delta = 1.0f / Max(delta, S<V>(kDeltaFloor));
+  V numerator, scale = S<V>(0.0f), empty = S<V>(0.0f);
+  if (gmc) {
+    numerator = lse - mean;  // T + logsumexp = H
+  } else {
+    using W = V3<V>;
+    // live = 1 for a class that is not masked (zc > lowest).
+    W a = t.Sum3([&](int64_t j) {
+      V x = zc(j);
+      V live = Sel(x > S<V>(kLowest), S<V>(1.0f), S<V>(0.0f));
+      V ml = t.M(j) * live;
+      return W{ml, ml * x, live * x};
+    });
+    V count = t.Sum([&](int64_t j) {
+      return Sel(zc(j) > S<V>(kLowest), S<V>(1.0f), S<V>(0.0f));
+    });
+    empty = Sel(a.a > S<V>(0.0f), S<V>(0.0f), S<V>(1.0f));
+    scale = 1.0f / (a.a + empty * count);
+    numerator = scale * (a.b + empty * a.c) - mean;
+  }
+  *value = numerator * inv_delta;
+  res[0] = inv_delta; res[1] = scale; res[2] = empty;
+}
+
+// dz = g / delta (c - p (zc - E_p zc + 1)): calibrator minus CADF reward.
+template <bool kGmc, class T>
+inline void AdaBackward(const T& t, const typename T::V st[kDemStats],
+                        const typename T::V res[kAdaRes], typename T::V g) {
+  using V = typename T::V;
+  V m = st[0], lse = st[1], mean = st[3];
+  V gd = g * res[0], scale = res[1], empty = res[2];
+  t.Each([&](int64_t j) {
+    V x = Max(t.Z(j) - m, S<V>(kLowest));
+    V p = ExpNeg(x - lse);
+    V cadf = p * (x - mean + 1.0f);
+    V cal;
+    if constexpr (kGmc) {
+      cal = p;
+    } else {
+      V live = Sel(x > S<V>(kLowest), S<V>(1.0f), S<V>(0.0f));
+      cal = (t.M(j) + empty) * live * scale;
+    }
+    t.Out(j, gd * (cal - cadf));
+  });
+}
+
+template <class T>
+inline void AdaBackward(const T& t, const typename T::V st[kDemStats], bool gmc,
+                        const typename T::V res[kAdaRes], typename T::V g) {
+  if (gmc) AdaBackward<true>(t, st, res, g);
+  else AdaBackward<false>(t, st, res, g);
+}
+
+// Transposed MEC rows of the tile's examples.
+inline void GatherMecTile(const float* mec, const int32_t* yp, int64_t r0, int lanes,
+                          int64_t c, float* tile) {
+  for (int l = 0; l < kLanes; ++l) {
+    const float* row = mec + static_cast<int64_t>(yp[r0 + std::min(l, lanes - 1)]) * c;
+    for (int64_t j = 0; j < c; ++j) tile[j * kLanes + l] = row[j];
+  }
+}
+
+ffi::Error AdaFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stats,
+                     ffi::AnyBuffer yhat, ffi::AnyBuffer mec, int64_t norm, int64_t gmc,
+                     int64_t delta_from_entropy, ffi::Result<ffi::AnyBuffer> value,
+                     ffi::Result<ffi::AnyBuffer> res) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  const float* zp = z.typed_data<float>();
+  const float* sp = stats.typed_data<float>();
+  const int32_t* yp = yhat.typed_data<int32_t>();
+  const float* mp = mec.typed_data<float>();
+  float* vp = value->typed_data<float>();
+  float* rp = res->typed_data<float>();
+  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    alignas(64) float tm[kMaxLaneClasses * kLanes];
+    ForRows(b, e, c, zp,
+        [&](RowTile& t, int64_t r) {
+          if (!gmc) t.mec_row = mp + static_cast<int64_t>(yp[r]) * c;
+          float v, out[kAdaRes];
+          AdaForward(t, sp + r * kDemStats, norm, gmc, delta_from_entropy, &v, out);
+          vp[r] = v;
+          for (int k = 0; k < kAdaRes; ++k) rp[r * kAdaRes + k] = out[k];
+        },
+        [&](LaneTile& t, int64_t r0, int lanes) {
+          if (!gmc) {
+            GatherMecTile(mp, yp, r0, lanes, c, tm);
+            t.mec = tm;
+          }
+          v16 st[kDemStats], v, out[kAdaRes];
+          for (int k = 0; k < kDemStats; ++k) st[k] = Get(sp, r0, kDemStats, k, v16{}, lanes);
+          AdaForward(t, st, norm, gmc, delta_from_entropy, &v, out);
+          Put(vp, r0, 1, 0, v, lanes);
+          for (int k = 0; k < kAdaRes; ++k) Put(rp, r0, kAdaRes, k, out[k], lanes);
+        });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AdaBwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stats,
+                     ffi::AnyBuffer yhat, ffi::AnyBuffer mec, ffi::AnyBuffer res,
+                     ffi::AnyBuffer g, int64_t gmc, ffi::Result<ffi::AnyBuffer> dz) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  const float* zp = z.typed_data<float>();
+  const float* sp = stats.typed_data<float>();
+  const int32_t* yp = yhat.typed_data<int32_t>();
+  const float* mp = mec.typed_data<float>();
+  const float* rp = res.typed_data<float>();
+  const float* gp = g.typed_data<float>();
+  float* dp = dz->typed_data<float>();
+  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    alignas(64) float tm[kMaxLaneClasses * kLanes];
+    alignas(64) float tile[kMaxLaneClasses * kLanes];
+    ForRows(b, e, c, zp,
+        [&](RowTile& t, int64_t r) {
+          if (!gmc) t.mec_row = mp + static_cast<int64_t>(yp[r]) * c;
+          t.out = dp + r * c;
+          AdaBackward(t, sp + r * kDemStats, gmc, rp + r * kAdaRes, gp[r]);
+        },
+        [&](LaneTile& t, int64_t r0, int lanes) {
+          if (!gmc) {
+            GatherMecTile(mp, yp, r0, lanes, c, tm);
+            t.mec = tm;
+          }
+          v16 st[kDemStats], rs[kAdaRes];
+          for (int k = 0; k < kDemStats; ++k) st[k] = Get(sp, r0, kDemStats, k, v16{}, lanes);
+          for (int k = 0; k < kAdaRes; ++k) rs[k] = Get(rp, r0, kAdaRes, k, v16{}, lanes);
+          t.out = tile;
+          AdaBackward(t, st, gmc, rs, Get(gp, r0, 1, 0, v16{}, lanes));
+          StoreTile(tile, dp, r0, lanes, c);
+        });
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The handlers: arguments, attributes and results in the order of the
+// functions above (Buf = any-dtype buffer; the Python side passes float32
+// and int32 arrays of the documented shapes).
+using Buf = ffi::AnyBuffer;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemFwd, DemFwdImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>()
+        .Attr<int64_t>("mode").Attr<float>("tau").Attr<float>("alpha")
+        .Ret<Buf>().Ret<Buf>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemBwd, DemBwdImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Attr<int64_t>("mode").Attr<float>("tau").Attr<float>("alpha")
+        .Ret<Buf>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaStats, AdaStatsFfi,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>()
+        .Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaStatsUpdate, AdaStatsUpdateFfi,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Attr<float>("momentum")
+        .Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaFwd, AdaFwdFfi,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Attr<int64_t>("norm").Attr<int64_t>("gmc").Attr<int64_t>("delta_from_entropy")
+        .Ret<Buf>().Ret<Buf>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaBwd, AdaBwdFfi,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Attr<int64_t>("gmc")
+        .Ret<Buf>());

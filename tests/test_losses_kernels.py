@@ -1,0 +1,166 @@
+"""The fused CPU kernels against the pure-JAX closed forms they replace.
+
+On CPU every other loss test runs the kernels (`dem_jax/losses/_cpu`); the
+pure-JAX path is what GPUs and TPUs run. Here both paths must agree in value,
+gradient and new MEC state, in both kernel layouts (one example per vector,
+C > 32; 16 examples per vector, few classes), with masks, masked (-inf)
+classes, huge logits and low-precision inputs.
+"""
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dem_jax import losses
+from dem_jax.losses import _kernels
+
+RTOL = 2e-5
+
+
+def both_paths(fn, *args):
+  """`jit(fn)(*args)` with the kernels and with the pure-JAX path."""
+  with_kernels = jax.jit(lambda *a: fn(*a))(*args)
+  with _kernels.disabled():
+    pure = jax.jit(lambda *a: fn(*a))(*args)
+  return with_kernels, pure
+
+
+def assert_paths_agree(fn, *args, what=""):
+  got, want = both_paths(fn, *args)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    scale = float(jnp.max(jnp.abs(w.astype(jnp.float32)))) or 1.0
+    err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))) / scale
+    assert bool(jnp.isfinite(g).all()), f"{what}: the kernel path gave non-finite values"
+    assert err < RTOL, (
+        f"{what}: the fused CPU kernel and the pure-JAX closed form differ by "
+        f"{err:.2e} (relative to the largest entry), more than {RTOL}.")
+
+
+def test_kernels_are_built_where_ci_runs():
+  if os.environ.get("DEM_JAX_CPU_KERNELS") == "0":
+    pytest.skip("kernels switched off with DEM_JAX_CPU_KERNELS=0")
+  assert _kernels.available(), (
+      "the fused CPU kernels did not build, so the other loss tests checked only "
+      f"the pure-JAX path: {_kernels.unavailable_reason()}")
+
+
+def test_switching_off_really_takes_the_pure_jax_path():
+  z = jnp.ones((4, 5))
+  text = jax.jit(losses.entropy).lower(z).as_text()
+  with _kernels.disabled():
+    pure = jax.jit(lambda z: losses.entropy(z)).lower(z).as_text()
+  assert ("dem_jax_DemFwd" in text) == _kernels.available()
+  assert "dem_jax_DemFwd" not in pure
+
+
+def logits(shape, seed=0, scale=3.0, masked_class=True):
+  z = scale * jax.random.normal(jax.random.key(seed), shape)
+  if masked_class:
+    z = z.at[..., 1].set(-jnp.inf)   # a masked class in every example
+  return z
+
+
+# C = 40: one example per vector; C = 7 and (2, 9, 19): 16 examples per vector
+# (21 examples: a last group of 5 lanes).
+SHAPES = [(33, 40), (21, 7), (2, 9, 19)]
+DEM_LOSSES = {
+    "entropy": lambda z, w: losses.entropy(z, where=w),
+    "cadf": lambda z, w: losses.cadf(z, 0.6, where=w),
+    "gmc": lambda z, w: losses.gmc(z, 0.7, where=w),
+    "dem": lambda z, w: losses.dem(z, 1.3, 0.8, where=w),
+}
+
+
+def example_mask(shape):
+  return (jnp.arange(int(np.prod(shape[:-1]))) % 4 != 1).reshape(shape[:-1])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", list(DEM_LOSSES))
+@pytest.mark.parametrize("masked", [False, True])
+def test_dem_family_kernel_equals_closed_form(shape, name, masked):
+  z = logits(shape)
+  w = example_mask(shape) if masked else None
+  loss = DEM_LOSSES[name]
+  assert_paths_agree(
+      jax.value_and_grad(lambda z: jnp.sum(loss(z, w) * jnp.linspace(0.5, 1.5, loss(z, w).size)
+                                            .reshape(loss(z, w).shape))),
+      z, what=f"{name} {shape} where={masked}")
+  assert_paths_agree(lambda z: loss(z, w), z, what=f"{name} {shape} value")
+
+
+ADADEM_MODES = {
+    "AdaDEM": {}, "AdaDEM-Norm": dict(calibrator="gmc"), "AdaDEM-MEC": dict(norm=None),
+    "AdaDEM-V": dict(delta_from="entropy"), "l2": dict(norm="l2"), "linf": dict(norm="linf"),
+}
+
+
+def adadem_objective(mode, w, momentum=0.1):
+  def objective(z, mec):
+    value, new_mec = losses.adadem(z, mec, where=w, momentum=momentum, **ADADEM_MODES[mode])
+    weights = jnp.linspace(0.5, 1.5, value.size).reshape(value.shape)
+    return jnp.sum(value * weights), new_mec
+  return jax.value_and_grad(objective, has_aux=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", list(ADADEM_MODES))
+@pytest.mark.parametrize("masked", [False, True])
+def test_adadem_kernel_equals_closed_form(shape, mode, masked):
+  z = logits(shape, seed=1)
+  c = shape[-1]
+  mec = losses.mec_init(c) + 0.02 * jax.random.uniform(jax.random.key(2), (c, c))
+  w = example_mask(shape) if masked else None
+  # AdaDEM-V's delta goes to 0 for confident examples, where both paths'
+  # float32 rounding is amplified; keep the logits moderate for it.
+  if mode == "AdaDEM-V":
+    z = z / 3.0
+  assert_paths_agree(adadem_objective(mode, w), z, mec, what=f"{mode} {shape} where={masked}")
+
+
+def test_adadem_kernel_with_a_traced_momentum_takes_the_sums_path():
+  """A traced momentum cannot go into the kernel's update; the JAX update runs."""
+  z, mec = logits((20, 40), seed=3), losses.mec_init(40)
+  got = jax.jit(lambda z, mec, m: losses.adadem(z, mec, momentum=m))(z, mec, 0.3)
+  with _kernels.disabled():
+    want = jax.jit(lambda z, mec: losses.adadem(z, mec, momentum=0.3))(z, mec)
+  chex.assert_trees_all_close(got, want, rtol=RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 5)])
+def test_kernels_stay_finite_and_agree_for_huge_logits(shape):
+  z = logits(shape, seed=4, scale=1e4)
+  assert_paths_agree(jax.value_and_grad(lambda z: jnp.sum(losses.dem(z, 1.3, 0.8))), z,
+                     what="dem, logits ~1e4")
+  assert_paths_agree(adadem_objective("AdaDEM", None), z, losses.mec_init(shape[-1]),
+                     what="adadem, logits ~1e4")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_kernels_take_low_precision_logits(dtype):
+  z = logits((9, 40), seed=5, masked_class=False).astype(dtype)
+  got, want = both_paths(jax.grad(lambda z: jnp.sum(losses.entropy(z))), z)
+  assert got.dtype == dtype
+  chex.assert_trees_all_close(got.astype(jnp.float32), want.astype(jnp.float32),
+                              atol=1e-2 * float(jnp.max(jnp.abs(want.astype(jnp.float32)))))
+
+
+@pytest.mark.parametrize("name", ["entropy", "dem"])
+def test_hessian_through_the_kernels_is_the_closed_form_one(name):
+  z = logits((2, 5), seed=6)
+  z = z.at[..., 1].set(0.5)  # finite: the Hessian of -inf classes is not compared
+  loss = DEM_LOSSES[name]
+  assert_paths_agree(jax.hessian(lambda z: jnp.sum(loss(z, None))), z, what=f"hessian of {name}")
+
+
+def test_vmap_over_a_batch_of_problems_uses_rows_of_the_kernel():
+  z = logits((3, 8, 40), seed=7)
+  assert_paths_agree(jax.vmap(jax.grad(lambda z: jnp.mean(losses.dem(z, 1.3, 0.8)))), z,
+                     what="vmap of dem's gradient")
+  mecs = jnp.stack([losses.mec_init(40)] * 3)
+  assert_paths_agree(jax.vmap(adadem_objective("AdaDEM", None)), z, mecs,
+                     what="vmap of adadem over independent states")
