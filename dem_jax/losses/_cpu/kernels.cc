@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -536,6 +537,7 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
   // same pass, in a private (C, C) table per block of rows.
   bool fused = c <= kMaxLaneClasses;
   std::mutex merge;
+  std::map<int64_t, std::vector<float>> partial;  // block's first row -> its sums
   std::memset(counts, 0, sizeof(float) * c);
   if (fused) std::memset(sums, 0, sizeof(float) * c * c);
   ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
@@ -568,11 +570,16 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
         });
     if (fused) {
       std::lock_guard<std::mutex> lock(merge);
-      for (int64_t k = 0; k < c * c; ++k) sums[k] += local[k];
-      for (int64_t k = 0; k < c; ++k) counts[k] += local[c * c + k];
+      partial.emplace(b, std::move(local));
     }
   });
   if (fused) {
+    // Added in the order of the rows, whichever thread finished first, so
+    // that the same input gives the same state to the last bit.
+    for (const auto& [first_row, local] : partial) {
+      for (int64_t k = 0; k < c * c; ++k) sums[k] += local[k];
+      for (int64_t k = 0; k < c; ++k) counts[k] += local[c * c + k];
+    }
     if (old != nullptr)
       for (int64_t k = 0; k < c; ++k) finish(k);
     return;
