@@ -13,6 +13,11 @@ dtype, gradients written out with `jax.custom_vjp` (reverse mode only).
 | `adadem` | AdaDEM and ablations | `(T + m.z) / delta`, plus the new MEC |
 | `marginal_entropy` | IM / SHOT diversity | `H(mean p)` (one scalar) |
 | `rewards` | diagnostics | `-dL/dz` of each loss |
+
+On CPU, `entropy`, `cadf`, `gmc`, `dem` and `adadem` run fused C++ kernels
+(`_kernels.py`, `_cpu/kernels.cc`; built with g++ on first use) with the same
+closed forms; GPUs and TPUs, a traced tau/alpha and `DEM_JAX_CPU_KERNELS=0`
+run the pure-JAX closed forms of `_dem.py` and `_adadem.py`.
 """
 
 from dem_jax.losses._adadem import adadem
