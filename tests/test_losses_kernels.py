@@ -176,3 +176,29 @@ def test_mec_update_is_the_same_to_the_last_bit_on_every_run():
     assert np.array_equal(first, again), (
         "adadem's new MEC state changed between two identical calls: the "
         "per-thread sums of the CPU kernel were added in a run-dependent order")
+
+
+def test_without_a_working_compiler_the_losses_warn_once_and_still_work(tmp_path):
+  """A machine where the build fails gets the pure-JAX path and one warning."""
+  import subprocess
+  import sys
+  import textwrap
+  script = textwrap.dedent("""
+      import warnings
+      import jax.numpy as jnp
+      from dem_jax import losses
+      from dem_jax.losses import _kernels
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = losses.entropy(jnp.array([[0.0, 0.0], [10.0, 0.0]]))
+        b = losses.dem(jnp.array([[3.0, 1.0, 0.0]]), 1.3, 0.8)
+      built = [w for w in caught if "could not build the fused CPU kernels" in str(w.message)]
+      print(len(built), _kernels.available(), float(a[0]), float(b[0]))
+  """)
+  env = dict(os.environ, CXX="false", DEM_JAX_CACHE_DIR=str(tmp_path))
+  env.pop("DEM_JAX_CPU_KERNELS", None)
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                       text=True, check=True).stdout.split()
+  assert out[:2] == ["1", "False"], f"expected one build warning and no kernels, got {out}"
+  np.testing.assert_allclose([float(out[2]), float(out[3])], [np.log(2.0), 0.08974469],
+                             rtol=1e-6)
