@@ -357,6 +357,10 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
         functools.partial(_adadem_jax_path, **options))
   else:
     value, new_mec = _adadem_jax_path(z, mec, mask, **options)
+  if calibrator == "gmc":
+    # The state itself, not a copy out of the platform switch: a jitted
+    # caller then returns its input without copying a (C, C) array.
+    new_mec = mec
   return _common.apply_mask(value, mask), new_mec
 
 
@@ -391,26 +395,21 @@ def _adadem_kernel_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
   `_mec_from_sums`; the value and backward kernels read each example's MEC row
   from the state by its pseudo-label instead of gathering a `[..., C]` copy.
   """
-  zs = lax.stop_gradient(z)
   if calibrator == "gmc":
-    # The entropy's statistics (max, lse, E_p[zc]); no pseudo-label or MEC
-    # row is read by the GMC kernels.
-    stats = _kernels.dem_forward(zs, "entropy", 1.0, 1.0)[1]
-    yhat = jnp.zeros((1,), jnp.int32)
-    new_mec = mec
-    table = jnp.zeros((1, 1), jnp.float32)
+    # AdaDEM-Norm: no MEC, so statistics and value come from one kernel.
+    return _adadem_norm_kernel(z, norm, delta_from), mec
+  zs = lax.stop_gradient(z)
+  weights = (jnp.ones(z.shape[:-1], jnp.float32) if mask is None
+             else mask.astype(jnp.float32))
+  if axis_name is None and momentum_value is not None:
+    # One device, a known momentum: the kernel updates the state as well.
+    stats, yhat, table, _ = _kernels.ada_stats(
+        zs, weights, lax.stop_gradient(mec).astype(jnp.float32), momentum_value)
+    new_mec = table.astype(mec.dtype)
   else:
-    weights = (jnp.ones(z.shape[:-1], jnp.float32) if mask is None
-               else mask.astype(jnp.float32))
-    if axis_name is None and momentum_value is not None:
-      # One device, a known momentum: the kernel updates the state as well.
-      stats, yhat, table, _ = _kernels.ada_stats(
-          zs, weights, lax.stop_gradient(mec).astype(jnp.float32), momentum_value)
-      new_mec = table.astype(mec.dtype)
-    else:
-      stats, yhat, sums, counts = _kernels.ada_stats(zs, weights)
-      new_mec = _mec_from_sums(mec, sums, counts, momentum, axis_name)
-      table = new_mec.astype(jnp.float32)
+    stats, yhat, sums, counts = _kernels.ada_stats(zs, weights)
+    new_mec = _mec_from_sums(mec, sums, counts, momentum, axis_name)
+    table = new_mec.astype(jnp.float32)
   value = _adadem_kernel(z, stats, yhat, table, norm, calibrator, delta_from)
   return value, new_mec
 
@@ -438,3 +437,26 @@ def _adadem_kernel_bwd(norm, calibrator, delta_from, residuals, g):
 
 
 _adadem_kernel.defvjp(_adadem_kernel_fwd, _adadem_kernel_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _adadem_norm_kernel(z, norm, delta_from):
+  return _kernels.ada_norm_forward(lax.stop_gradient(z), norm=norm, delta_from=delta_from)[0]
+
+
+def _adadem_norm_kernel_fwd(z, norm, delta_from):
+  value, stats, res = _kernels.ada_norm_forward(lax.stop_gradient(z), norm=norm,
+                                                delta_from=delta_from)
+  return value, (z, stats, res)
+
+
+def _adadem_norm_kernel_bwd(norm, delta_from, residuals, g):
+  del norm, delta_from
+  z, stats, res = residuals
+  unused_yhat, unused_table = jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1), jnp.float32)
+  dz = _kernels.ada_backward(lax.stop_gradient(z), stats, unused_yhat, unused_table, res,
+                             g, calibrator="gmc")
+  return (_first_order_only(dz, z),)
+
+
+_adadem_norm_kernel.defvjp(_adadem_norm_kernel_fwd, _adadem_norm_kernel_bwd)

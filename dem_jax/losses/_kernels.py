@@ -46,7 +46,8 @@ DEM_MODES = {"entropy": 0, "cadf": 1, "gmc": 2, "dem": 3}
 NORM_CODES = {None: 0, "l1": 1, "l2": 2, "linf": 3}
 DEM_STATS = 4   # (max, lse_p, lse_q, mean) per example
 ADA_RES = 3     # (1 / delta, scale, empty) per example
-HANDLERS = ("DemFwd", "DemBwd", "AdaStats", "AdaStatsUpdate", "AdaFwd", "AdaBwd")
+HANDLERS = ("DemFwd", "DemBwd", "AdaStats", "AdaStatsUpdate", "AdaFwd", "AdaNormFwd",
+            "AdaBwd")
 
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None}
@@ -261,8 +262,12 @@ def ada_stats(z, weights, mec=None, momentum=None):
           _f32((c,)))
   if mec is None:
     return _call("AdaStats", outs, z, weights, vmap_method="sequential")
-  return _call("AdaStatsUpdate", outs, z, weights, mec, momentum=np.float32(momentum),
-               vmap_method="sequential")
+  # The new state takes the old one's buffer: where the caller donates the
+  # state (a training step), it is updated in place, rows of absent classes
+  # untouched; otherwise XLA copies it first.
+  return jax.ffi.ffi_call("dem_jax_AdaStatsUpdate", outs, vmap_method="sequential",
+                          input_output_aliases={2: 2})(
+                              z, weights, mec, momentum=np.float32(momentum))
 
 
 def ada_forward(z, stats, yhat, mec, *, norm, calibrator, delta_from):
@@ -271,6 +276,14 @@ def ada_forward(z, stats, yhat, mec, *, norm, calibrator, delta_from):
                norm=np.int64(NORM_CODES[norm]), gmc=np.int64(calibrator == "gmc"),
                delta_from_entropy=np.int64(delta_from == "entropy"),
                vmap_method="sequential")
+
+
+def ada_norm_forward(z, *, norm, delta_from):
+  """AdaDEM-Norm's `(value, stats, res)` in one pass (no MEC to wait for)."""
+  n = z.shape[:-1]
+  return _call("AdaNormFwd", (_f32(n), _f32(n + (DEM_STATS,)), _f32(n + (ADA_RES,))), z,
+               norm=np.int64(NORM_CODES[norm]),
+               delta_from_entropy=np.int64(delta_from == "entropy"), vmap_method="sequential")
 
 
 def ada_backward(z, stats, yhat, mec, res, g, *, calibrator):
