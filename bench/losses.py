@@ -179,12 +179,14 @@ class _Carried:
 
 
 def build_row(name, shape):
-  """({"ours": jitted fn, "naive": jitted fn[, "state": True]}, note or None).
+  """({"ours": jitted fn, "naive": jitted fn[, "state": True, ...]}, note or None).
 
-  With "state" the functions take (z, mec) and return ((loss, new_mec), grad);
-  otherwise they take z and return (loss, grad).
+  With "state" the functions take (z, mec) and return ((loss, new_mec), grad),
+  and "ours_timed" / "naive_timed" are the same steps with the state donated
+  and carried (`_Carried`), for timing; otherwise they take z and return
+  (loss, grad). `shape` is unused: every row is built the same way.
   """
-  num_classes = shape[-1]
+  del shape
   if name == "entropy":
     return {"ours": _mean_vg(losses.entropy), "naive": _mean_vg(naive_entropy)}, None
   if name == "dem":
