@@ -186,22 +186,21 @@ def _dem_attrs(mode, tau, alpha):
 
 
 def jax_dem_stats(z, mode, tau, alpha):
-  """Pure-JAX `(value, stats)` of the DEM forward kernel (its tangent rule)."""
-  zc, zmax = _common.shift(z)
+  """Pure-JAX `(value, stats)` of the DEM forward kernel (its tangent rule).
+
+  The value and moments are `_dem`'s own closed forms; only the packing into
+  the kernel's `(max, lse_p, lse_q, mean)` is done here.
+  """
+  from dem_jax.losses import _dem  # pylint: disable=import-outside-toplevel (_dem imports us)
+  value, (_, zmax, p_parts, q_parts, _, _) = _dem._decoupled_forward(z, tau, alpha, mode)
   zero = jnp.zeros(z.shape[:-1], jnp.float32)
-  lse_p = lse_q = mean = zero
-  if mode != "cadf":
-    _, inv_p, mean_p = _common.exp_moments(zc)
-    lse_p = -jnp.log(inv_p[..., 0])
-    if mode == "entropy":
-      mean = mean_p[..., 0]
-  if mode in ("cadf", "dem"):
-    _, inv_q, mean_q = _common.exp_moments(zc, tau)
-    lse_q, mean = -jnp.log(inv_q[..., 0]), mean_q[..., 0]
-  m = zmax[..., 0]
-  value = {"entropy": lse_p - mean, "gmc": alpha * (lse_p + m), "cadf": -mean - m,
-           "dem": -mean + alpha * lse_p + (alpha - 1.0) * m}[mode]
-  return value, jnp.stack([m, lse_p, lse_q, mean], axis=-1)
+  lse_p = -jnp.log(p_parts[1][..., 0]) if p_parts is not None else zero
+  lse_q = -jnp.log(q_parts[1][..., 0]) if q_parts is not None else zero
+  if q_parts is not None:
+    mean = q_parts[2][..., 0]
+  else:
+    mean = p_parts[2][..., 0] if mode == "entropy" else zero
+  return value, jnp.stack([zmax, lse_p, lse_q, mean], axis=-1)
 
 
 def jax_dem_grad(z, stats, g, mode, tau, alpha):
