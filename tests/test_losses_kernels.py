@@ -166,16 +166,48 @@ def test_vmap_over_a_batch_of_problems_uses_rows_of_the_kernel():
                      what="vmap of adadem over independent states")
 
 
-def test_mec_update_is_the_same_to_the_last_bit_on_every_run():
+# Big enough for several blocks of rows on a multi-core machine (each with its
+# own class sums, added afterwards): few classes (16 examples per vector) and
+# many (one example per vector).
+BLOCKED_SHAPES = [(4000, 10), (1200, 40)]
+
+
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES)
+def test_mec_update_is_the_same_to_the_last_bit_on_every_run(shape):
   """Threads finish their blocks in any order; the sums must not depend on it."""
-  z = logits((4000, 10), seed=8, masked_class=False)   # several blocks of rows
+  z = logits(shape, seed=8, masked_class=False)
+  c = shape[-1]
   step = jax.jit(lambda z, mec: losses.adadem(z, mec)[1])
-  first = np.asarray(step(z, losses.mec_init(10)))
+  first = np.asarray(step(z, losses.mec_init(c)))
   for _ in range(10):
-    again = np.asarray(step(z, losses.mec_init(10)))
+    again = np.asarray(step(z, losses.mec_init(c)))
     assert np.array_equal(first, again), (
-        "adadem's new MEC state changed between two identical calls: the "
-        "per-thread sums of the CPU kernel were added in a run-dependent order")
+        f"adadem's new MEC state ({shape}) changed between two identical calls: "
+        "the per-block sums of the CPU kernel were added in a run-dependent order")
+
+
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES)
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_adadem_kernel_agrees_when_blocks_share_classes(shape, collapsed):
+  """Blocks of rows sum the MEC separately; a class met by several is merged.
+
+  `collapsed`: every example has the same pseudo-label (a collapsing model),
+  so one class row gets the sums of every block, and the rest none.
+  """
+  z = logits(shape, seed=9, masked_class=False)
+  if collapsed:
+    z = z.at[..., 3].add(100.0)
+  c = shape[-1]
+  mec = losses.mec_init(c) + 0.02 * jax.random.uniform(jax.random.key(2), (c, c))
+  w = example_mask(shape)
+  for mode in ("AdaDEM", "AdaDEM-MEC"):
+    assert_paths_agree(adadem_objective(mode, w), z, mec,
+                       what=f"{mode} {shape} collapsed={collapsed}")
+  # The sums path (a traced momentum: the update is done in JAX from the sums).
+  got = jax.jit(lambda z, mec, m: losses.adadem(z, mec, momentum=m, where=w))(z, mec, 0.3)
+  with _kernels.disabled():
+    want = jax.jit(lambda z, mec: losses.adadem(z, mec, momentum=0.3, where=w))(z, mec)
+  chex.assert_trees_all_close(got, want, rtol=RTOL, atol=1e-7)
 
 
 def test_without_a_working_compiler_the_losses_warn_once_and_still_work(tmp_path):

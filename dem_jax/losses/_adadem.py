@@ -390,9 +390,13 @@ def _adadem_kernel_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
                         axis_name, momentum_value=None):
   """`_adadem_jax_path` with the fused CPU kernels (`_kernels`).
 
-  One kernel gives the softmax statistics, the pseudo-labels and (for the MEC)
-  the per-class sums of the update; the update itself (with its `psum`) is
-  `_mec_from_sums`; the value and backward kernels read each example's MEC row
+  One kernel gives the softmax statistics, delta, the pseudo-labels and (for
+  the MEC) the per-class sums of the update. On one device with a known
+  momentum it also makes the update and the value (for many classes in one
+  pass grouped by pseudo-label: each class's examples are read once for its
+  sums and then, while in cache, for their values with the new row);
+  otherwise the update (with its `psum`) is `_mec_from_sums` and a value
+  kernel follows. The value and backward kernels read each example's MEC row
   from the state by its pseudo-label instead of gathering a `[..., C]` copy.
   """
   if calibrator == "gmc":
@@ -402,37 +406,63 @@ def _adadem_kernel_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
   weights = (jnp.ones(z.shape[:-1], jnp.float32) if mask is None
              else mask.astype(jnp.float32))
   if axis_name is None and momentum_value is not None:
-    # One device, a known momentum: the kernel updates the state as well.
-    stats, yhat, table, _ = _kernels.ada_stats(
-        zs, weights, lax.stop_gradient(mec).astype(jnp.float32), momentum_value)
-    new_mec = table.astype(mec.dtype)
-  else:
-    stats, yhat, sums, counts = _kernels.ada_stats(zs, weights)
-    new_mec = _mec_from_sums(mec, sums, counts, momentum, axis_name)
-    table = new_mec.astype(jnp.float32)
-  value = _adadem_kernel(z, stats, yhat, table, norm, calibrator, delta_from)
+    # One device, a known momentum: one kernel updates the state and gives
+    # the value as well.
+    value, new_mec = _adadem_fused(z, weights, lax.stop_gradient(mec).astype(jnp.float32),
+                                   momentum_value, norm, delta_from)
+    return value, new_mec.astype(mec.dtype)
+  stats, yhat, sums, counts = _kernels.ada_stats(zs, weights, norm=norm,
+                                                 delta_from=delta_from)
+  new_mec = _mec_from_sums(mec, sums, counts, momentum, axis_name)
+  value = _adadem_kernel(z, stats, yhat, new_mec.astype(jnp.float32), calibrator)
   return value, new_mec
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _adadem_kernel(z, stats, yhat, table, norm, calibrator, delta_from):
-  return _kernels.ada_forward(lax.stop_gradient(z), stats, yhat, table, norm=norm,
-                              calibrator=calibrator, delta_from=delta_from)[0]
-
-
-def _adadem_kernel_fwd(z, stats, yhat, table, norm, calibrator, delta_from):
-  value, res = _kernels.ada_forward(lax.stop_gradient(z), stats, yhat, table,
-                                    norm=norm, calibrator=calibrator,
-                                    delta_from=delta_from)
-  return value, (z, stats, yhat, table, res)
-
-
-def _adadem_kernel_bwd(norm, calibrator, delta_from, residuals, g):
-  del norm, delta_from
+def _adadem_grad(residuals, g, calibrator):
   z, stats, yhat, table, res = residuals
   dz = _kernels.ada_backward(lax.stop_gradient(z), stats, yhat, table, res, g,
                              calibrator=calibrator)
-  return (_first_order_only(dz, z), jnp.zeros_like(stats),
+  return _first_order_only(dz, z)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _adadem_fused(z, weights, mec, momentum, norm, delta_from):
+  return _adadem_fused_fwd(z, weights, mec, momentum, norm, delta_from)[0]
+
+
+def _adadem_fused_fwd(z, weights, mec, momentum, norm, delta_from):
+  stats, yhat, new_mec, _, value, res = _kernels.ada_stats_update(
+      lax.stop_gradient(z), weights, mec, momentum, norm=norm, delta_from=delta_from)
+  return (value, new_mec), (z, stats, yhat, new_mec, res)
+
+
+def _adadem_fused_bwd(momentum, norm, delta_from, residuals, cotangents):
+  # The state is not differentiated (the update reads stop_gradient(p)).
+  del momentum, norm, delta_from
+  g, _ = cotangents
+  z, _, _, new_mec, _ = residuals
+  return (_adadem_grad(residuals, g, "mec"), jnp.zeros(z.shape[:-1], jnp.float32),
+          jnp.zeros_like(new_mec))
+
+
+_adadem_fused.defvjp(_adadem_fused_fwd, _adadem_fused_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _adadem_kernel(z, stats, yhat, table, calibrator):
+  return _kernels.ada_forward(lax.stop_gradient(z), stats, yhat, table,
+                              calibrator=calibrator)[0]
+
+
+def _adadem_kernel_fwd(z, stats, yhat, table, calibrator):
+  value, res = _kernels.ada_forward(lax.stop_gradient(z), stats, yhat, table,
+                                    calibrator=calibrator)
+  return value, (z, stats, yhat, table, res)
+
+
+def _adadem_kernel_bwd(calibrator, residuals, g):
+  _, stats, yhat, table, _ = residuals
+  return (_adadem_grad(residuals, g, calibrator), jnp.zeros_like(stats),
           np.zeros(yhat.shape, jax.dtypes.float0), jnp.zeros_like(table))
 
 

@@ -247,42 +247,57 @@ def _dem_backward_jvp(mode, tau, alpha, primals, tangents):
 # --------------------------------------------------------------------------
 
 
-def ada_stats(z, weights, mec=None, momentum=None):
+def _ada_attrs(norm, delta_from):
+  return dict(norm=np.int64(NORM_CODES[norm]),
+              delta_from_entropy=np.int64(delta_from == "entropy"))
+
+
+def ada_stats(z, weights, *, norm, delta_from):
   """AdaDEM's softmax statistics and MEC segment sums of float32 `[..., C]` logits.
 
-  Returns `(stats, yhat, sums, counts)`: stats `[..., 4]` (max, lse, 0,
+  Returns `(stats, yhat, sums, counts)`: stats `[..., 4]` (max, lse, delta,
   E_p[zc]); yhat int32 `[...]`, the first argmax; sums `[C, C]` and counts
   `[C]`, the per-class sums of `weights * p` and of `weights` (the segment
-  sums of `mec_update`). Given the float32 state `mec` and a float `momentum`,
-  `sums` is instead the updated state (the update done in the same kernel).
+  sums of `mec_update`).
   """
   n, c = z.shape[:-1], z.shape[-1]
   outs = (_f32(n + (DEM_STATS,)), jax.ShapeDtypeStruct(n, jnp.int32), _f32((c, c)),
           _f32((c,)))
-  if mec is None:
-    return _call("AdaStats", outs, z, weights, vmap_method="sequential")
+  return _call("AdaStats", outs, z, weights, vmap_method="sequential",
+               **_ada_attrs(norm, delta_from))
+
+
+def ada_stats_update(z, weights, mec, momentum, *, norm, delta_from):
+  """`ada_stats` with the MEC update and AdaDEM's value done in the same kernel.
+
+  Given the float32 state `mec` and a float `momentum`, returns `(stats, yhat,
+  new_mec, counts, value, res)`, the last two as `ada_forward` gives them with
+  the new state.
+  """
+  n, c = z.shape[:-1], z.shape[-1]
+  outs = (_f32(n + (DEM_STATS,)), jax.ShapeDtypeStruct(n, jnp.int32), _f32((c, c)),
+          _f32((c,)), _f32(n), _f32(n + (ADA_RES,)))
   # The new state takes the old one's buffer: where the caller donates the
   # state (a training step), it is updated in place, rows of absent classes
   # untouched; otherwise XLA copies it first.
   return jax.ffi.ffi_call("dem_jax_AdaStatsUpdate", outs, vmap_method="sequential",
                           input_output_aliases={2: 2})(
-                              z, weights, mec, momentum=np.float32(momentum))
+                              z, weights, mec, momentum=np.float32(momentum),
+                              **_ada_attrs(norm, delta_from))
 
 
-def ada_forward(z, stats, yhat, mec, *, norm, calibrator, delta_from):
+def ada_forward(z, stats, yhat, mec, *, calibrator):
+  """AdaDEM's `(value, res)` from `ada_stats`'s statistics and the (new) state."""
   n = z.shape[:-1]
   return _call("AdaFwd", (_f32(n), _f32(n + (ADA_RES,))), z, stats, yhat, mec,
-               norm=np.int64(NORM_CODES[norm]), gmc=np.int64(calibrator == "gmc"),
-               delta_from_entropy=np.int64(delta_from == "entropy"),
-               vmap_method="sequential")
+               gmc=np.int64(calibrator == "gmc"), vmap_method="sequential")
 
 
 def ada_norm_forward(z, *, norm, delta_from):
   """AdaDEM-Norm's `(value, stats, res)` in one pass (no MEC to wait for)."""
   n = z.shape[:-1]
   return _call("AdaNormFwd", (_f32(n), _f32(n + (DEM_STATS,)), _f32(n + (ADA_RES,))), z,
-               norm=np.int64(NORM_CODES[norm]),
-               delta_from_entropy=np.int64(delta_from == "entropy"), vmap_method="sequential")
+               vmap_method="sequential", **_ada_attrs(norm, delta_from))
 
 
 def ada_backward(z, stats, yhat, mec, res, g, *, calibrator):

@@ -21,7 +21,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -80,6 +79,12 @@ template <class M, class V> inline V Sel(M m, V a, V b) { return m ? a : b; }
 template <class V> inline V Max(V a, V b) { return Sel(a > b, a, b); }
 template <class V> inline V Min(V a, V b) { return Sel(a < b, a, b); }
 template <class V> inline V Abs(V a) { return Sel(a < S<V>(0.f), -a, a); }
+inline bool Any(float a) { return a != 0.0f; }
+inline bool Any(v16 a) {
+  bool any = false;
+  for (int l = 0; l < kLanes; ++l) any |= a[l] != 0.0f;
+  return any;
+}
 
 // exp(x) for x <= 0 (relative error ~2 ulp); exactly 0 below -87 and at -inf.
 template <class V>
@@ -244,30 +249,43 @@ struct Progress {
   std::atomic<int64_t> done{0};
 };
 
-template <class F>
-void ParallelBlocks(ffi::ThreadPool& pool, int64_t rows, int64_t cols, int64_t align,
-                    F&& body) {
-  int64_t threads = pool.num_threads();
-  if (threads <= 1 || rows * cols < (1 << 15) || rows < 2 * align) {
-    body(0, rows);
-    return;
-  }
-  int64_t blocks = std::min<int64_t>(threads * 4, rows / align);
+// Rows [0, rows) in `count` blocks of `per` rows (the last one shorter).
+struct Blocks {
+  int64_t count, per;
+};
+
+// Few blocks for small work (one below 32K elements), at most `max_blocks`,
+// otherwise four per thread, each a multiple of `align` rows.
+inline Blocks PlanBlocks(int64_t threads, int64_t rows, int64_t cols, int64_t align,
+                         int64_t max_blocks) {
+  if (threads <= 1 || max_blocks <= 1 || rows * cols < (1 << 15) || rows < 2 * align)
+    return {1, rows};
+  int64_t blocks = std::min({threads * 4, rows / align, max_blocks});
   int64_t per = (rows + blocks - 1) / blocks;
   per = (per + align - 1) / align * align;
-  blocks = (rows + per - 1) / per;
+  return {(rows + per - 1) / per, per};
+}
+
+// body(i, begin, end) for each block i of the plan, over the pool's threads.
+template <class F>
+void RunBlocks(ffi::ThreadPool& pool, Blocks plan, int64_t rows, F&& body) {
+  if (plan.count <= 1) {
+    body(int64_t{0}, int64_t{0}, rows);
+    return;
+  }
   auto progress = std::make_shared<Progress>();
+  int64_t blocks = plan.count, per = plan.per;
   auto work = [progress, blocks, per, rows, &body]() {
     for (;;) {
       int64_t i = progress->next.fetch_add(1);
       if (i >= blocks) return;
-      body(i * per, std::min(rows, (i + 1) * per));
+      body(i, i * per, std::min(rows, (i + 1) * per));
       progress->done.fetch_add(1, std::memory_order_release);
     }
   };
   // A task that starts after every block is taken returns at once; it holds
   // `progress` (shared), never `body` (which lives until the last block ends).
-  for (int64_t t = 1; t < std::min(threads, blocks); ++t) {
+  for (int64_t t = 1; t < std::min<int64_t>(pool.num_threads(), blocks); ++t) {
     auto task = work;
     pool.Schedule(std::move(task));
   }
@@ -275,6 +293,13 @@ void ParallelBlocks(ffi::ThreadPool& pool, int64_t rows, int64_t cols, int64_t a
   while (progress->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
 }
 
+template <class F>
+void ParallelBlocks(ffi::ThreadPool& pool, int64_t rows, int64_t cols, int64_t align,
+                    F&& body) {
+  Blocks plan = PlanBlocks(pool.num_threads(), rows, cols, align,
+                           std::numeric_limits<int64_t>::max());
+  RunBlocks(pool, plan, rows, [&](int64_t, int64_t b, int64_t e) { body(b, e); });
+}
 
 // ---------------------------------------------------------------------------
 // LaneTile transposes: 16 example rows <-> a [c][16] tile. With AVX-512,
@@ -579,197 +604,91 @@ inline v16 FirstArgmax(const LaneTile& t, v16 m) {
   return Sel(first < S<v16>(none), first, S<v16>(0.0f));
 }
 
-// Adds w * p of one example to its class row of `sums` (RowTile only).
-inline void AddPrediction(const RowTile& t, const float stats[kDemStats], float w,
-                          float* sums_row) {
-  float m = stats[0], lse = stats[1];
-#pragma omp simd
-  for (int64_t j = 0; j < t.c; ++j)
-    sums_row[j] += w * ExpNeg(std::max(t.z[j] - m, kLowest) - lse);
-}
-
-// stats [N, 4] (max, lse, 0, E_p zc), yhat [N] (first argmax) and, per class,
-// `sums` [C, C] of w * p and `counts` [C] of w (the MEC update's segment
-// sums). With `old` (the MEC state) the update is done here too: `sums`
-// receives the new state, without a separate pass over the (C, C) arrays.
-void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
-                  float* sp, int32_t* yp, const float* wp, float* sums, float* counts,
-                  const float* old, float momentum) {
-  // Update mode: `sums` receives the new state and may be `old` itself (the
-  // state aliased to the result, updated in place: rows of absent classes
-  // are then not touched at all). The sums are made elsewhere first.
-  auto finish = [&](int64_t k, const float* sum_row) {
-    float* row = sums + k * c;
-    const float* prev = old + k * c;
-    if (counts[k] > 0.0f) {
-      float inv = 1.0f / counts[k], keep = 1.0f - momentum;
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) row[j] = keep * prev[j] + momentum * (sum_row[j] * inv);
-    } else if (row != prev) {
-      std::memcpy(row, prev, sizeof(float) * c);
-    }
-  };
-  // Few classes (the LaneTile layout of ForRows): the sums are made in the
-  // same pass, in a private (C, C) table per block of rows.
-  bool fused = c <= kMaxLaneClasses;
-  std::mutex merge;
-  std::map<int64_t, std::vector<float>> partial;  // block's first row -> its sums
-  std::memset(counts, 0, sizeof(float) * c);
-  std::vector<float> totals;  // update mode: the sums, apart from the state
-  float* acc = sums;
-  if (fused && old != nullptr) {
-    totals.assign(c * c, 0.0f);
-    acc = totals.data();
-  } else if (fused) {
-    std::memset(sums, 0, sizeof(float) * c * c);
-  }
-  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
-    std::vector<float> local;
-    if (fused) local.assign(c * c + c, 0.0f);
-    ForRows(b, e, c, zp,
-        [&](const RowTile& t, int64_t r) {
-          float v, st[kDemStats];
-          DemForward(t, kEntropy, 1.0f, 1.0f, &v, st);
-          for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
-          yp[r] = static_cast<int32_t>(FirstArgmax(t, st[0]));  // sums below
-        },
-        [&](const LaneTile& t, int64_t r0, int lanes) {
-          v16 v, st[kDemStats];
-          DemForward(t, kEntropy, 1.0f, 1.0f, &v, st);
-          for (int k = 0; k < kDemStats; ++k) Put(sp, r0, kDemStats, k, st[k], lanes);
-          v16 y = FirstArgmax(t, st[0]);
-          for (int l = 0; l < lanes; ++l) yp[r0 + l] = static_cast<int32_t>(y[l]);
-          alignas(64) float pt[kMaxLaneClasses * kLanes];
-          t.Each([&](int64_t j) {
-            v16 p = ExpNeg(Max(t.Z(j) - st[0], S<v16>(kLowest)) - st[1]);
-            std::memcpy(pt + j * kLanes, &p, sizeof(p));
-          });
-          for (int l = 0; l < lanes; ++l) {
-            float w = wp[r0 + l];
-            float* row = local.data() + yp[r0 + l] * c;
-            for (int64_t j = 0; j < c; ++j) row[j] += w * pt[j * kLanes + l];
-            local[c * c + yp[r0 + l]] += w;
-          }
-        });
-    if (fused) {
-      std::lock_guard<std::mutex> lock(merge);
-      partial.emplace(b, std::move(local));
-    }
-  });
-  if (fused) {
-    // Added in the order of the rows, whichever thread finished first, so
-    // that the same input gives the same state to the last bit.
-    for (const auto& [first_row, local] : partial) {
-      for (int64_t k = 0; k < c * c; ++k) acc[k] += local[k];
-      for (int64_t k = 0; k < c; ++k) counts[k] += local[c * c + k];
-    }
-    if (old != nullptr)
-      for (int64_t k = 0; k < c; ++k) finish(k, acc + k * c);
-    return;
-  }
-  // Many classes: group the examples by pseudo-label (counting sort); each
-  // thread then owns whole class rows, and every row is written once.
-  std::vector<int64_t> start(c + 1, 0), order(n);
-  for (int64_t r = 0; r < n; ++r) ++start[yp[r] + 1];
-  for (int64_t k = 0; k < c; ++k) start[k + 1] += start[k];
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t r = 0; r < n; ++r) order[fill[yp[r]]++] = r;
-  }
-  ParallelBlocks(pool, c, n, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> row_sum(old != nullptr ? c : 0);
-    for (int64_t k = b; k < e; ++k) {
-      if (old != nullptr && start[k] == start[k + 1]) {  // absent class
-        finish(k, nullptr);
-        continue;
-      }
-      float* target = old != nullptr ? row_sum.data() : sums + k * c;
-      std::memset(target, 0, sizeof(float) * c);
-      for (int64_t i = start[k]; i < start[k + 1]; ++i) {
-        int64_t r = order[i];
-        if (wp[r] == 0.0f) continue;
-        RowTile t{c, zp + r * c};
-        AddPrediction(t, sp + r * kDemStats, wp[r], target);
-        counts[k] += wp[r];
-      }
-      if (old != nullptr) finish(k, target);
-    }
-  });
-}
-
-ffi::Error AdaStatsFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer weights,
-                       ffi::Result<ffi::AnyBuffer> stats, ffi::Result<ffi::AnyBuffer> yhat,
-                       ffi::Result<ffi::AnyBuffer> sums, ffi::Result<ffi::AnyBuffer> counts) {
-  int64_t c;
-  int64_t n = Rows(z, &c);
-  AdaStatsImpl(pool, z.typed_data<float>(), n, c, stats->typed_data<float>(),
-               yhat->typed_data<int32_t>(), weights.typed_data<float>(),
-               sums->typed_data<float>(), counts->typed_data<float>(), nullptr, 0.0f);
-  return ffi::Error::Success();
-}
-
-ffi::Error AdaStatsUpdateFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer weights,
-                             ffi::AnyBuffer mec, float momentum,
-                             ffi::Result<ffi::AnyBuffer> stats,
-                             ffi::Result<ffi::AnyBuffer> yhat,
-                             ffi::Result<ffi::AnyBuffer> new_mec,
-                             ffi::Result<ffi::AnyBuffer> counts) {
-  int64_t c;
-  int64_t n = Rows(z, &c);
-  AdaStatsImpl(pool, z.typed_data<float>(), n, c, stats->typed_data<float>(),
-               yhat->typed_data<int32_t>(), weights.typed_data<float>(),
-               new_mec->typed_data<float>(), counts->typed_data<float>(),
-               mec.typed_data<float>(), momentum);
-  return ffi::Error::Success();
-}
-
 enum Norm : int64_t { kNoNorm = 0, kL1 = 1, kL2 = 2, kLinf = 3 };
 constexpr int64_t kAdaRes = 3;  // (1 / delta, scale, empty) per example
 constexpr float kDeltaFloor = 1e-6f;
 
-// Value (T + c . z) / delta and the residuals of the backward pass; c is the
-// MEC row renormalised over the live classes (or p for the GMC).
+// AdaDEM's statistics of the tile's examples: `st` = (max, lse, delta,
+// E_p zc), `yhat` the pseudo-label (first argmax) and `p` (c values of V) the
+// prediction, for the MEC sums. delta is the norm of the CADF reward
+// p (zc - E_p zc + 1) (the EM reward p (zc - E_p zc) for AdaDEM-V); 1 without
+// a norm. One example per call (RowTile) reuses the exponentials of the sum,
+// p = exp(zc) / sum; sixteen (LaneTile, few classes) compute
+// p = exp(zc - lse) again, to the bit what these kernels gave before the
+// reuse (the README's 10-class experiments were run with it).
 template <class T>
-ALWAYS_INLINE void AdaForward(const T& t, const typename T::V st[kDemStats], int64_t norm,
-                       bool gmc, bool delta_from_entropy, typename T::V* value,
-                       typename T::V res[kAdaRes]) {
+ALWAYS_INLINE void AdaStatsOf(const T& t, int64_t norm, bool delta_from_entropy,
+                              typename T::V* p, typename T::V st[kDemStats],
+                              typename T::V* yhat) {
   using V = typename T::V;
-  V m = st[0], lse = st[1], mean = st[3];
-  float shift = delta_from_entropy ? 0.0f : 1.0f;
+  using W = V3<V>;
+  constexpr bool kReuse = std::is_same_v<V, float>;
+  V m = RowMax(t);
   auto zc = [&](int64_t j) { return Max(t.Z(j) - m, S<V>(kLowest)); };
-  auto reward = [&](int64_t j) {
-    V x = zc(j);
-    return ExpNeg(x - lse) * (x - mean + shift);
+  W r = t.Sum3([&](int64_t j) {
+    V x = zc(j), e = ExpNeg(x);
+    if constexpr (kReuse) p[j] = e;
+    return W{e, e * x, S<V>(0.0f)};
+  });
+  V sum = Max(r.a, S<V>(1.0f)), inv = 1.0f / sum, mean = r.b * inv, lse = Log(sum);
+  auto prob = [&](int64_t j) {
+    if constexpr (kReuse) return p[j] * inv;
+    else return ExpNeg(zc(j) - lse);
+  };
+  float shift = delta_from_entropy ? 0.0f : 1.0f;
+  auto reward = [&](int64_t j) {  // stores p on the way
+    V pj = prob(j);
+    p[j] = pj;
+    return pj * (zc(j) - mean + shift);
   };
   V delta = S<V>(1.0f);
-  if (norm == kL1) {
+  if (norm == kNoNorm) {
+    t.Each([&](int64_t j) { p[j] = prob(j); });
+  } else if (norm == kL1) {
     delta = t.Sum([&](int64_t j) { return Abs(reward(j)); });
   } else if (norm == kL2) {
-    V sq = t.Sum([&](int64_t j) { V r = reward(j); return r * r; });
+    V sq = t.Sum([&](int64_t j) { V x = reward(j); return x * x; });
     if constexpr (std::is_same_v<V, float>) delta = std::sqrt(sq);
     else for (int l = 0; l < kLanes; ++l) delta[l] = std::sqrt(sq[l]);
   } else if (norm == kLinf) {
     delta = t.MaxOf([&](int64_t j) { return Abs(reward(j)); });
   }
+  st[0] = m; st[1] = lse; st[2] = delta; st[3] = mean;
+  *yhat = FirstArgmax(t, m);
+}
+
+// Value (T + c . z) / delta and the residuals of the backward pass; c is the
+// MEC row renormalised over the live classes (or p for the GMC). `st` holds
+// the softmax statistics with delta in place of the unused lse_q.
+template <class T>
+ALWAYS_INLINE void AdaForward(const T& t, const typename T::V st[kDemStats], bool gmc,
+                              typename T::V* value, typename T::V res[kAdaRes]) {
+  using V = typename T::V;
+  V m = st[0], mean = st[3], delta = st[2];
+  auto zc = [&](int64_t j) { return Max(t.Z(j) - m, S<V>(kLowest)); };
   V inv_delta = 1.0f / Max(delta, S<V>(kDeltaFloor));
   V numerator, scale = S<V>(0.0f), empty = S<V>(0.0f);
   if (gmc) {
-    numerator = lse - mean;  // T + logsumexp = H
+    numerator = st[1] - mean;  // T + logsumexp = H
   } else {
     using W = V3<V>;
     // live = 1 for a class that is not masked (zc > lowest).
+    auto live = [&](V x) { return Sel(x > S<V>(kLowest), S<V>(1.0f), S<V>(0.0f)); };
     W a = t.Sum3([&](int64_t j) {
-      V x = zc(j);
-      V live = Sel(x > S<V>(kLowest), S<V>(1.0f), S<V>(0.0f));
-      V ml = t.M(j) * live;
-      return W{ml, ml * x, live * x};
-    });
-    V count = t.Sum([&](int64_t j) {
-      return Sel(zc(j) > S<V>(kLowest), S<V>(1.0f), S<V>(0.0f));
+      V x = zc(j), ml = t.M(j) * live(x);
+      return W{ml, ml * x, S<V>(0.0f)};
     });
     empty = Sel(a.a > S<V>(0.0f), S<V>(0.0f), S<V>(1.0f));
-    scale = 1.0f / (a.a + empty * count);
-    numerator = scale * (a.b + empty * a.c) - mean;
+    if (Any(empty)) {  // rare: the uniform row over the live classes instead
+      W u = t.Sum3([&](int64_t j) {
+        V x = zc(j), l = live(x);
+        return W{l, l * x, S<V>(0.0f)};
+      });
+      a.a += empty * u.a;
+      a.b += empty * u.b;
+    }
+    scale = 1.0f / a.a;
+    numerator = scale * a.b - mean;
   }
   *value = numerator * inv_delta;
   res[0] = inv_delta; res[1] = scale; res[2] = empty;
@@ -813,25 +732,17 @@ inline void GatherMecTile(const float* mec, const int32_t* yp, int64_t r0, int l
   RowsToTile(rows, c, tile);
 }
 
-ffi::Error AdaFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stats,
-                     ffi::AnyBuffer yhat, ffi::AnyBuffer mec, int64_t norm, int64_t gmc,
-                     int64_t delta_from_entropy, ffi::Result<ffi::AnyBuffer> value,
-                     ffi::Result<ffi::AnyBuffer> res) {
-  int64_t c;
-  int64_t n = Rows(z, &c);
-  const float* zp = z.typed_data<float>();
-  const float* sp = stats.typed_data<float>();
-  const int32_t* yp = yhat.typed_data<int32_t>();
-  const float* mp = mec.typed_data<float>();
-  float* vp = value->typed_data<float>();
-  float* rp = res->typed_data<float>();
+// Values and backward residuals of every example, with the MEC state `mp`
+// (rows read by pseudo-label) or the GMC; stats [N, 4] carry delta.
+void AdaValues(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c, const float* sp,
+               const int32_t* yp, const float* mp, bool gmc, float* vp, float* rp) {
   ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
     alignas(64) float tm[kMaxLaneClasses * kLanes];
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
           if (!gmc) t.mec_row = mp + static_cast<int64_t>(yp[r]) * c;
           float v, out[kAdaRes];
-          AdaForward(t, sp + r * kDemStats, norm, gmc, delta_from_entropy, &v, out);
+          AdaForward(t, sp + r * kDemStats, gmc, &v, out);
           vp[r] = v;
           for (int k = 0; k < kAdaRes; ++k) rp[r * kAdaRes + k] = out[k];
         },
@@ -842,11 +753,222 @@ ffi::Error AdaFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stat
           }
           v16 st[kDemStats], v, out[kAdaRes];
           for (int k = 0; k < kDemStats; ++k) st[k] = Get(sp, r0, kDemStats, k, v16{}, lanes);
-          AdaForward(t, st, norm, gmc, delta_from_entropy, &v, out);
+          AdaForward(t, st, gmc, &v, out);
           Put(vp, r0, 1, 0, v, lanes);
           for (int k = 0; k < kAdaRes; ++k) Put(rp, r0, kAdaRes, k, out[k], lanes);
         });
   });
+}
+
+// Private tables take at most this much memory (fewer blocks beyond it).
+constexpr int64_t kSumsBudget = int64_t{64} << 20;
+
+// The MEC update's sums over one block of rows: a private (C, C) table of
+// w * p per pseudo-label and the counts of w. A class row is zeroed when the
+// block first meets the class, so a block pays only for the classes it has.
+class ClassSums {
+ public:
+  explicit ClassSums(int64_t c) : c_(c), table_(Table(c)), counts_(c, 0.0f), seen_(c, 0) {}
+  ~ClassSums() { Recycle(std::move(table_), c_); }
+  ClassSums(const ClassSums&) = delete;
+  ClassSums& operator=(const ClassSums&) = delete;
+
+  template <class V>
+  void Add(int64_t k, float w, const V* p, int lane) {
+    if (w == 0.0f) return;
+    float* row = table_.get() + k * c_;
+    if (!seen_[k]) {
+      seen_[k] = 1;
+      std::memset(row, 0, sizeof(float) * c_);
+    }
+    if constexpr (std::is_same_v<V, float>) {
+#pragma omp simd
+      for (int64_t j = 0; j < c_; ++j) row[j] += w * p[j];
+    } else {
+      for (int64_t j = 0; j < c_; ++j) row[j] += w * p[j][lane];
+    }
+    counts_[k] += w;
+  }
+  bool Seen(int64_t k) const { return seen_[k] != 0; }
+  float* Row(int64_t k) { return table_.get() + k * c_; }
+  float Count(int64_t k) const { return counts_[k]; }
+
+ private:
+  // Tables are kept for the next call (up to kSumsBudget in all): fresh
+  // memory costs a page fault per 4 KiB on first touch, which for C = 1000
+  // took longer than the whole pass.
+  static std::mutex& PoolLock() {
+    static std::mutex lock;
+    return lock;
+  }
+  static std::vector<std::pair<int64_t, std::unique_ptr<float[]>>>& Pool() {
+    static auto* pool = new std::vector<std::pair<int64_t, std::unique_ptr<float[]>>>();
+    return *pool;
+  }
+  static std::unique_ptr<float[]> Table(int64_t c) {
+    std::lock_guard<std::mutex> guard(PoolLock());
+    auto& pool = Pool();
+    for (auto it = pool.begin(); it != pool.end(); ++it) {
+      if (it->first != c) continue;
+      std::unique_ptr<float[]> table = std::move(it->second);
+      pool.erase(it);
+      return table;
+    }
+    return std::unique_ptr<float[]>(new float[c * c]);
+  }
+  static void Recycle(std::unique_ptr<float[]> table, int64_t c) {
+    std::lock_guard<std::mutex> guard(PoolLock());
+    auto& pool = Pool();
+    int64_t held = 0;
+    for (const auto& entry : pool) held += entry.first * entry.first;
+    if ((held + c * c) * 4 <= kSumsBudget) pool.emplace_back(c, std::move(table));
+  }
+
+  int64_t c_;
+  std::unique_ptr<float[]> table_;
+  std::vector<float> counts_;
+  std::vector<uint8_t> seen_;
+};
+
+// stats [N, 4] (max, lse, delta, E_p zc), yhat [N] (first argmax) and, per
+// class, `sums` [C, C] of w * p and `counts` [C] of w (the MEC update's
+// segment sums), in one pass over the logits: each block of rows adds into
+// a private table, and the tables are added in block order (the same input
+// gives the same sums to the last bit, for a given number of threads). With
+// `old` (the MEC state) the update is done here too, `sums` receiving the new
+// state (it may be `old` itself: rows of absent classes are then not touched),
+// and the values `vp` and residuals `rp` follow from a second pass.
+void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
+                  int64_t norm, bool delta_from_entropy, float* sp, int32_t* yp,
+                  const float* wp, float* sums, float* counts, const float* old,
+                  float momentum, float* vp, float* rp) {
+  bool lanes_layout = c <= kMaxLaneClasses;
+  int64_t threads = pool.num_threads();
+  // Many classes: a block per thread (tables of C^2 floats each).
+  int64_t max_blocks = lanes_layout ? std::numeric_limits<int64_t>::max()
+                                    : std::max<int64_t>(1, std::min<int64_t>(
+                                          threads, kSumsBudget / (c * c * 4)));
+  Blocks plan = PlanBlocks(threads, n, c, kLanes, max_blocks);
+  std::vector<std::unique_ptr<ClassSums>> parts(plan.count);
+  RunBlocks(pool, plan, n, [&](int64_t i, int64_t b, int64_t e) {
+    parts[i] = std::make_unique<ClassSums>(c);
+    ClassSums& part = *parts[i];
+    std::vector<float> p(lanes_layout ? 0 : c);
+    ForRows(b, e, c, zp,
+        [&](const RowTile& t, int64_t r) {
+          float st[kDemStats], y;
+          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, &y);
+          for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
+          yp[r] = static_cast<int32_t>(y);
+          part.Add(yp[r], wp[r], p.data(), 0);
+        },
+        [&](const LaneTile& t, int64_t r0, int lanes) {
+          v16 pt[kMaxLaneClasses], st[kDemStats], y;
+          AdaStatsOf(t, norm, delta_from_entropy, pt, st, &y);
+          for (int k = 0; k < kDemStats; ++k) Put(sp, r0, kDemStats, k, st[k], lanes);
+          for (int l = 0; l < lanes; ++l) {
+            yp[r0 + l] = static_cast<int32_t>(y[l]);
+            part.Add(yp[r0 + l], wp[r0 + l], pt, l);
+          }
+        });
+  });
+  // Many classes, with the update: each class's examples (grouped by a
+  // counting sort) get their values right after the class's new row is made,
+  // while it is in cache; few classes: a pass over the rows follows.
+  bool grouped = old != nullptr && !lanes_layout;
+  std::vector<int64_t> start, order;
+  if (grouped) {
+    start.assign(c + 1, 0);
+    order.resize(n);
+    for (int64_t r = 0; r < n; ++r) ++start[yp[r] + 1];
+    for (int64_t k = 0; k < c; ++k) start[k + 1] += start[k];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t r = 0; r < n; ++r) order[fill[yp[r]]++] = r;
+  }
+  // Per class: the blocks' rows in block order, then the sums (or the update).
+  ParallelBlocks(pool, c, c * plan.count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      float* acc = nullptr;
+      counts[k] = 0.0f;
+      for (auto& part : parts) {
+        if (!part->Seen(k)) continue;
+        float* row = part->Row(k);
+        if (acc == nullptr) {
+          acc = row;
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) acc[j] += row[j];
+        }
+        counts[k] += part->Count(k);
+      }
+      float* out = sums + k * c;
+      if (old == nullptr) {  // the sums themselves
+        if (acc != nullptr) std::memcpy(out, acc, sizeof(float) * c);
+        else std::memset(out, 0, sizeof(float) * c);
+        continue;
+      }
+      if (acc != nullptr && counts[k] > 0.0f) {
+        const float* prev = old + k * c;
+        float inv = 1.0f / counts[k], keep = 1.0f - momentum;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) out[j] = keep * prev[j] + momentum * (acc[j] * inv);
+      } else if (out != old + k * c) {  // absent class: the old row
+        std::memcpy(out, old + k * c, sizeof(float) * c);
+      }
+      if (!grouped) continue;
+      for (int64_t i = start[k]; i < start[k + 1]; ++i) {
+        int64_t r = order[i];
+        RowTile t{c, zp + r * c};
+        t.mec_row = out;
+        float res[kAdaRes];
+        AdaForward(t, sp + r * kDemStats, false, vp + r, res);
+        for (int j = 0; j < kAdaRes; ++j) rp[r * kAdaRes + j] = res[j];
+      }
+    }
+  });
+  if (old != nullptr && !grouped) AdaValues(pool, zp, n, c, sp, yp, sums, false, vp, rp);
+}
+
+ffi::Error AdaStatsFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer weights,
+                       int64_t norm, int64_t delta_from_entropy,
+                       ffi::Result<ffi::AnyBuffer> stats, ffi::Result<ffi::AnyBuffer> yhat,
+                       ffi::Result<ffi::AnyBuffer> sums, ffi::Result<ffi::AnyBuffer> counts) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  AdaStatsImpl(pool, z.typed_data<float>(), n, c, norm, delta_from_entropy,
+               stats->typed_data<float>(), yhat->typed_data<int32_t>(),
+               weights.typed_data<float>(), sums->typed_data<float>(),
+               counts->typed_data<float>(), nullptr, 0.0f, nullptr, nullptr);
+  return ffi::Error::Success();
+}
+
+ffi::Error AdaStatsUpdateFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer weights,
+                             ffi::AnyBuffer mec, float momentum, int64_t norm,
+                             int64_t delta_from_entropy,
+                             ffi::Result<ffi::AnyBuffer> stats,
+                             ffi::Result<ffi::AnyBuffer> yhat,
+                             ffi::Result<ffi::AnyBuffer> new_mec,
+                             ffi::Result<ffi::AnyBuffer> counts,
+                             ffi::Result<ffi::AnyBuffer> value,
+                             ffi::Result<ffi::AnyBuffer> res) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  AdaStatsImpl(pool, z.typed_data<float>(), n, c, norm, delta_from_entropy,
+               stats->typed_data<float>(), yhat->typed_data<int32_t>(),
+               weights.typed_data<float>(), new_mec->typed_data<float>(),
+               counts->typed_data<float>(), mec.typed_data<float>(), momentum,
+               value->typed_data<float>(), res->typed_data<float>());
+  return ffi::Error::Success();
+}
+
+ffi::Error AdaFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stats,
+                     ffi::AnyBuffer yhat, ffi::AnyBuffer mec, int64_t gmc,
+                     ffi::Result<ffi::AnyBuffer> value, ffi::Result<ffi::AnyBuffer> res) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  AdaValues(pool, z.typed_data<float>(), n, c, stats.typed_data<float>(),
+            yhat.typed_data<int32_t>(), mec.typed_data<float>(), gmc != 0,
+            value->typed_data<float>(), res->typed_data<float>());
   return ffi::Error::Success();
 }
 
@@ -862,19 +984,20 @@ ffi::Error AdaNormFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t norm,
   float* sp = stats->typed_data<float>();
   float* rp = res->typed_data<float>();
   ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    std::vector<float> p(c <= kMaxLaneClasses ? 0 : c);
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
-          float h, st[kDemStats], v, out[kAdaRes];
-          DemForward(t, kEntropy, 1.0f, 1.0f, &h, st);
-          AdaForward(t, st, norm, true, delta_from_entropy, &v, out);
+          float st[kDemStats], y, v, out[kAdaRes];
+          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, &y);
+          AdaForward(t, st, true, &v, out);
           vp[r] = v;
           for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
           for (int k = 0; k < kAdaRes; ++k) rp[r * kAdaRes + k] = out[k];
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
-          v16 h, st[kDemStats], v, out[kAdaRes];
-          DemForward(t, kEntropy, 1.0f, 1.0f, &h, st);
-          AdaForward(t, st, norm, true, delta_from_entropy, &v, out);
+          v16 pt[kMaxLaneClasses], st[kDemStats], y, v, out[kAdaRes];
+          AdaStatsOf(t, norm, delta_from_entropy, pt, st, &y);
+          AdaForward(t, st, true, &v, out);
           Put(vp, r0, 1, 0, v, lanes);
           for (int k = 0; k < kDemStats; ++k) Put(sp, r0, kDemStats, k, st[k], lanes);
           for (int k = 0; k < kAdaRes; ++k) Put(rp, r0, kAdaRes, k, out[k], lanes);
@@ -939,16 +1062,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DemBwd, DemBwdImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaStats, AdaStatsFfi,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>()
+        .Attr<int64_t>("norm").Attr<int64_t>("delta_from_entropy")
         .Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaStatsUpdate, AdaStatsUpdateFfi,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
-        .Attr<float>("momentum")
-        .Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>());
+        .Attr<float>("momentum").Attr<int64_t>("norm").Attr<int64_t>("delta_from_entropy")
+        .Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaFwd, AdaFwdFfi,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
-        .Attr<int64_t>("norm").Attr<int64_t>("gmc").Attr<int64_t>("delta_from_entropy")
+        .Attr<int64_t>("gmc")
         .Ret<Buf>().Ret<Buf>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaNormFwd, AdaNormFwdFfi,
