@@ -390,11 +390,9 @@ def _adadem_kernel_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
                         axis_name, momentum_value=None):
   """`_adadem_jax_path` with the fused CPU kernels (`_kernels`).
 
-  One kernel gives the softmax statistics, delta, the pseudo-labels and (for
-  the MEC) the per-class sums of the update. On one device with a known
-  momentum it also makes the update and the value (for many classes in one
-  pass grouped by pseudo-label: each class's examples are read once for its
-  sums and then, while in cache, for their values with the new row);
+  One kernel pass gives the softmax statistics, delta, the pseudo-labels and
+  (for the MEC) the per-class sums of the update. On one device with a known
+  momentum the same kernel call also makes the update and the values;
   otherwise the update (with its `psum`) is `_mec_from_sums` and a value
   kernel follows. The value and backward kernels read each example's MEC row
   from the state by its pseudo-label instead of gathering a `[..., C]` copy.
