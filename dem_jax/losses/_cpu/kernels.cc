@@ -408,6 +408,74 @@ inline v16 Get(const float* src, int64_t r0, int64_t stride, int64_t k, v16, int
   return v;
 }
 
+// All `stride` scalars (1, 3 or 4) of a tile's examples at once:
+// v[k][l] <-> buf[(r0 + l) * stride + k]. A full tile of 16 moves with a few
+// vector permutes on AVX-512 (element by element, these moves cost as much
+// as a value pass's arithmetic); a partial tile, and other CPUs, use Get/Put.
+// Pure data movement: the same bits either way.
+#if defined(__AVX512F__)
+inline __m512i LaneIota() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#endif
+
+inline void GetLanes(const float* src, int64_t r0, int64_t stride, int lanes, v16* v) {
+#if defined(__AVX512F__)
+  if (lanes == kLanes && (stride == 1 || stride == 3 || stride == 4)) {
+    const float* p = src + r0 * stride;
+    if (stride == 1) {
+      v[0] = Bits<v16>(_mm512_loadu_ps(p));
+      return;
+    }
+    __m512 a0 = _mm512_loadu_ps(p), a1 = _mm512_loadu_ps(p + 16);
+    __m512 a2 = _mm512_loadu_ps(p + 32);
+    __m512 a3 = stride == 4 ? _mm512_loadu_ps(p + 48) : a2;
+    __m512i base = _mm512_mullo_epi32(LaneIota(), _mm512_set1_epi32(static_cast<int>(stride)));
+    for (int64_t k = 0; k < stride; ++k) {
+      __m512i g = _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int>(k)));
+      // Elements 0-31 come from (a0, a1), 32-63 from (a2, a3): the
+      // permutes read the low 5 bits of g.
+      __m512 lo = _mm512_permutex2var_ps(a0, g, a1);
+      __m512 hi = _mm512_permutex2var_ps(a2, g, a3);
+      __mmask16 upper = _mm512_cmpge_epi32_mask(g, _mm512_set1_epi32(32));
+      v[k] = Bits<v16>(_mm512_mask_blend_ps(upper, lo, hi));
+    }
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < stride; ++k) v[k] = Get(src, r0, stride, k, v16{}, lanes);
+}
+
+inline void PutLanes(float* dst, int64_t r0, int64_t stride, int lanes, const v16* v) {
+#if defined(__AVX512F__)
+  if (lanes == kLanes && (stride == 1 || stride == 3 || stride == 4)) {
+    float* p = dst + r0 * stride;
+    if (stride == 1) {
+      _mm512_storeu_ps(p, Bits<__m512>(v[0]));
+      return;
+    }
+    __m512 v0 = Bits<__m512>(v[0]), v1 = Bits<__m512>(v[1]), v2 = Bits<__m512>(v[2]);
+    __m512 v3 = stride == 4 ? Bits<__m512>(v[3]) : v2;
+    for (int64_t o = 0; o < stride; ++o) {
+      // Element g = 16 o + e of the output is component k of example l.
+      __m512i g = _mm512_add_epi32(LaneIota(), _mm512_set1_epi32(static_cast<int>(16 * o)));
+      __m512i l = stride == 4 ? _mm512_srli_epi32(g, 2)
+                              : _mm512_srli_epi32(_mm512_mullo_epi32(g, _mm512_set1_epi32(43691)), 17);
+      __m512i k = _mm512_sub_epi32(g, _mm512_mullo_epi32(l, _mm512_set1_epi32(static_cast<int>(stride))));
+      // Components 0, 1 from (v0, v1), 2, 3 from (v2, v3): bit 4 of the
+      // index picks the odd one.
+      __m512i idx = _mm512_or_si512(l, _mm512_slli_epi32(_mm512_and_si512(k, _mm512_set1_epi32(1)), 4));
+      __m512 lo = _mm512_permutex2var_ps(v0, idx, v1);
+      __m512 hi = _mm512_permutex2var_ps(v2, idx, v3);
+      __mmask16 upper = _mm512_cmpge_epi32_mask(k, _mm512_set1_epi32(2));
+      _mm512_storeu_ps(p + 16 * o, _mm512_mask_blend_ps(upper, lo, hi));
+    }
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < stride; ++k) Put(dst, r0, stride, k, v[k], lanes);
+}
+
 // Centred logits: zc = max(z - max z, lowest) (masked classes -> lowest, so
 // exp gives 0 and 0 * zc stays 0), and the row maximum (0 if all masked).
 template <class T>
@@ -530,8 +598,8 @@ ffi::Error DemFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t mode, floa
         [&](const LaneTile& t, int64_t r0, int lanes) {
           v16 v, s[kDemStats];
           DemForward(t, mode, tau, alpha, &v, s);
-          Put(vp, r0, 1, 0, v, lanes);
-          for (int k = 0; k < kDemStats; ++k) Put(sp, r0, kDemStats, k, s[k], lanes);
+          PutLanes(vp, r0, 1, lanes, &v);
+          PutLanes(sp, r0, kDemStats, lanes, s);
         });
   });
   return ffi::Error::Success();
@@ -564,9 +632,11 @@ ffi::Error DemBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer sta
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
           v16 s[kDemStats];
-          for (int k = 0; k < kDemStats; ++k) s[k] = Get(sp, r0, kDemStats, k, v16{}, lanes);
+          GetLanes(sp, r0, kDemStats, lanes, s);
           t.out = tile;
-          DemBackward(t, mode, tau, alpha, s, Get(gp, r0, 1, 0, v16{}, lanes));
+          v16 g;
+          GetLanes(gp, r0, 1, lanes, &g);
+          DemBackward(t, mode, tau, alpha, s, g);
           StoreTile(tile, dp, r0, lanes, c);
         });
   });
@@ -752,10 +822,10 @@ void AdaValues(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c, con
             t.mec = tm;
           }
           v16 st[kDemStats], v, out[kAdaRes];
-          for (int k = 0; k < kDemStats; ++k) st[k] = Get(sp, r0, kDemStats, k, v16{}, lanes);
+          GetLanes(sp, r0, kDemStats, lanes, st);
           AdaForward(t, st, gmc, &v, out);
-          Put(vp, r0, 1, 0, v, lanes);
-          for (int k = 0; k < kAdaRes; ++k) Put(rp, r0, kAdaRes, k, out[k], lanes);
+          PutLanes(vp, r0, 1, lanes, &v);
+          PutLanes(rp, r0, kAdaRes, lanes, out);
         });
   });
 }
@@ -865,7 +935,7 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
         [&](const LaneTile& t, int64_t r0, int lanes) {
           v16 pt[kMaxLaneClasses], st[kDemStats], y;
           AdaStatsOf(t, norm, delta_from_entropy, pt, st, &y);
-          for (int k = 0; k < kDemStats; ++k) Put(sp, r0, kDemStats, k, st[k], lanes);
+          PutLanes(sp, r0, kDemStats, lanes, st);
           for (int l = 0; l < lanes; ++l) {
             yp[r0 + l] = static_cast<int32_t>(y[l]);
             part.Add(yp[r0 + l], wp[r0 + l], pt, l);
@@ -979,9 +1049,9 @@ ffi::Error AdaNormFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t norm,
           v16 pt[kMaxLaneClasses], st[kDemStats], y, v, out[kAdaRes];
           AdaStatsOf(t, norm, delta_from_entropy, pt, st, &y);
           AdaForward(t, st, true, &v, out);
-          Put(vp, r0, 1, 0, v, lanes);
-          for (int k = 0; k < kDemStats; ++k) Put(sp, r0, kDemStats, k, st[k], lanes);
-          for (int k = 0; k < kAdaRes; ++k) Put(rp, r0, kAdaRes, k, out[k], lanes);
+          PutLanes(vp, r0, 1, lanes, &v);
+          PutLanes(sp, r0, kDemStats, lanes, st);
+          PutLanes(rp, r0, kAdaRes, lanes, out);
         });
   });
   return ffi::Error::Success();
@@ -1014,10 +1084,12 @@ ffi::Error AdaBwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stat
             t.mec = tm;
           }
           v16 st[kDemStats], rs[kAdaRes];
-          for (int k = 0; k < kDemStats; ++k) st[k] = Get(sp, r0, kDemStats, k, v16{}, lanes);
-          for (int k = 0; k < kAdaRes; ++k) rs[k] = Get(rp, r0, kAdaRes, k, v16{}, lanes);
+          GetLanes(sp, r0, kDemStats, lanes, st);
+          GetLanes(rp, r0, kAdaRes, lanes, rs);
           t.out = tile;
-          AdaBackward(t, st, gmc, rs, Get(gp, r0, 1, 0, v16{}, lanes));
+          v16 g;
+          GetLanes(gp, r0, 1, lanes, &g);
+          AdaBackward(t, st, gmc, rs, g);
           StoreTile(tile, dp, r0, lanes, c);
         });
   });
