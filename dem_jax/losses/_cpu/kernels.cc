@@ -843,20 +843,16 @@ class ClassSums {
   ClassSums(const ClassSums&) = delete;
   ClassSums& operator=(const ClassSums&) = delete;
 
-  template <class V>
-  void Add(int64_t k, float w, const V* p, int lane) {
+  // Adds w * p (C floats) to class k's row.
+  void Add(int64_t k, float w, const float* p) {
     if (w == 0.0f) return;
     float* row = table_.get() + k * c_;
     if (!seen_[k]) {
       seen_[k] = 1;
       std::memset(row, 0, sizeof(float) * c_);
     }
-    if constexpr (std::is_same_v<V, float>) {
 #pragma omp simd
-      for (int64_t j = 0; j < c_; ++j) row[j] += w * p[j];
-    } else {
-      for (int64_t j = 0; j < c_; ++j) row[j] += w * p[j][lane];
-    }
+    for (int64_t j = 0; j < c_; ++j) row[j] += w * p[j];
     counts_[k] += w;
   }
   bool Seen(int64_t k) const { return seen_[k] != 0; }
@@ -930,15 +926,20 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
           AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, &y);
           for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
           yp[r] = static_cast<int32_t>(y);
-          part.Add(yp[r], wp[r], p.data(), 0);
+          part.Add(yp[r], wp[r], p.data());
         },
         [&](const LaneTile& t, int64_t r0, int lanes) {
           v16 pt[kMaxLaneClasses], st[kDemStats], y;
           AdaStatsOf(t, norm, delta_from_entropy, pt, st, &y);
           PutLanes(sp, r0, kDemStats, lanes, st);
+          // Back to one row per example, so that each is added with vector ops.
+          alignas(64) float rows_p[kLanes * kMaxLaneClasses];
+          float* rows[kLanes];
+          for (int l = 0; l < kLanes; ++l) rows[l] = rows_p + l * c;
+          TileToRows(reinterpret_cast<const float*>(pt), c, lanes, rows);
           for (int l = 0; l < lanes; ++l) {
             yp[r0 + l] = static_cast<int32_t>(y[l]);
-            part.Add(yp[r0 + l], wp[r0 + l], pt, l);
+            part.Add(yp[r0 + l], wp[r0 + l], rows[l]);
           }
         });
   });
