@@ -793,19 +793,53 @@ ALWAYS_INLINE void AdaBackward(const T& t, const typename T::V st[kDemStats], bo
   else AdaBackward<false>(t, st, res, g);
 }
 
-// Transposed MEC rows of the tile's examples.
-inline void GatherMecTile(const float* mec, const int32_t* yp, int64_t r0, int lanes,
-                          int64_t c, float* tile) {
-  const float* rows[kLanes];
-  for (int l = 0; l < kLanes; ++l)
-    rows[l] = mec + static_cast<int64_t>(yp[r0 + std::min(l, lanes - 1)]) * c;
-  RowsToTile(rows, c, tile);
-}
+// Each LaneTile's MEC rows (by pseudo-label) from the (C, C) state, as a
+// transposed [C][16] tile: with AVX-512 a permute per class from the state
+// transposed once per call (transposing 16 rows per tile, the classes beyond
+// 16 by scalar copies, cost more than the arithmetic that reads them);
+// otherwise a transpose of the 16 rows.
+class MecLanes {
+ public:
+  MecLanes(const float* mec, int64_t c) : mec_(mec), c_(c) {
+#if defined(__AVX512F__)
+    if (mec == nullptr || c > kMaxLaneClasses) return;
+    mec_t_.assign(c * 2 * kLanes, 0.0f);  // [j][k] = mec[k][j], k padded to 32
+    for (int64_t k = 0; k < c; ++k)
+      for (int64_t j = 0; j < c; ++j) mec_t_[j * 2 * kLanes + k] = mec[k * c + j];
+#endif
+  }
+  // Fills `tile` with the rows of examples r0 .. r0 + lanes (the last one
+  // repeated in unused lanes).
+  void Tile(const int32_t* yp, int64_t r0, int lanes, float* tile) const {
+#if defined(__AVX512F__)
+    alignas(64) int32_t y[kLanes];
+    for (int l = 0; l < kLanes; ++l) y[l] = yp[r0 + std::min(l, lanes - 1)];
+    __m512i labels = _mm512_load_si512(y);
+    for (int64_t j = 0; j < c_; ++j) {
+      const float* col = mec_t_.data() + j * 2 * kLanes;
+      _mm512_storeu_ps(tile + j * kLanes,
+                       _mm512_permutex2var_ps(_mm512_loadu_ps(col), labels,
+                                              _mm512_loadu_ps(col + kLanes)));
+    }
+#else
+    const float* rows[kLanes];
+    for (int l = 0; l < kLanes; ++l)
+      rows[l] = mec_ + static_cast<int64_t>(yp[r0 + std::min(l, lanes - 1)]) * c_;
+    RowsToTile(rows, c_, tile);
+#endif
+  }
+
+ private:
+  const float* mec_;
+  int64_t c_;
+  std::vector<float> mec_t_;
+};
 
 // Values and backward residuals of every example, with the MEC state `mp`
 // (rows read by pseudo-label) or the GMC; stats [N, 4] carry delta.
 void AdaValues(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c, const float* sp,
                const int32_t* yp, const float* mp, bool gmc, float* vp, float* rp) {
+  MecLanes lanes_mec(gmc ? nullptr : mp, gmc ? 0 : c);
   ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
     alignas(64) float tm[kMaxLaneClasses * kLanes];
     ForRows(b, e, c, zp,
@@ -818,7 +852,7 @@ void AdaValues(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c, con
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
           if (!gmc) {
-            GatherMecTile(mp, yp, r0, lanes, c, tm);
+            lanes_mec.Tile(yp, r0, lanes, tm);
             t.mec = tm;
           }
           v16 st[kDemStats], v, out[kAdaRes];
@@ -1070,6 +1104,7 @@ ffi::Error AdaBwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stat
   const float* rp = res.typed_data<float>();
   const float* gp = g.typed_data<float>();
   float* dp = dz->typed_data<float>();
+  MecLanes lanes_mec(gmc ? nullptr : mp, gmc ? 0 : c);
   ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
     alignas(64) float tm[kMaxLaneClasses * kLanes];
     alignas(64) float tile[kMaxLaneClasses * kLanes];
@@ -1081,7 +1116,7 @@ ffi::Error AdaBwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stat
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
           if (!gmc) {
-            GatherMecTile(mp, yp, r0, lanes, c, tm);
+            lanes_mec.Tile(yp, r0, lanes, tm);
             t.mec = tm;
           }
           v16 st[kDemStats], rs[kAdaRes];
