@@ -864,7 +864,7 @@ void AdaValues(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c, con
   });
 }
 
-// Private tables take at most this much memory (fewer blocks beyond it).
+// Tables kept between calls take at most this much memory.
 constexpr int64_t kSumsBudget = int64_t{64} << 20;
 
 // The MEC update's sums over one block of rows: a private (C, C) table of
@@ -944,10 +944,11 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
                   float momentum, float* vp, float* rp) {
   bool lanes_layout = c <= kMaxLaneClasses;
   int64_t threads = pool.num_threads();
-  // Many classes: a block per thread (tables of C^2 floats each).
-  int64_t max_blocks = lanes_layout ? std::numeric_limits<int64_t>::max()
-                                    : std::max<int64_t>(1, std::min<int64_t>(
-                                          threads, kSumsBudget / (c * c * 4)));
+  // Many classes: a block per thread. Each (C, C) table is touched only in
+  // the rows of its block's classes (the rest is never written, so a fresh
+  // table's untouched pages take no memory): beyond the tables kept between
+  // calls, at most the logits' size.
+  int64_t max_blocks = lanes_layout ? std::numeric_limits<int64_t>::max() : threads;
   Blocks plan = PlanBlocks(threads, n, c, kLanes, max_blocks);
   std::vector<std::unique_ptr<ClassSums>> parts(plan.count);
   RunBlocks(pool, plan, n, [&](int64_t i, int64_t b, int64_t e) {
