@@ -43,6 +43,7 @@ namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 constexpr int64_t kMaxLaneClasses = 32;  // LaneTile for C <= this
 constexpr float kLowest = -std::numeric_limits<float>::max();
@@ -55,12 +56,14 @@ constexpr float kMax = std::numeric_limits<float>::max();
 template <class V> struct Traits;
 template <> struct Traits<float> {
   using I = int32_t;
+  using U = uint32_t;
   static float Splat(float x) { return x; }
   static int32_t ToInt(float x) { return static_cast<int32_t>(x); }
   static float ToFloat(int32_t x) { return static_cast<float>(x); }
 };
 template <> struct Traits<v16> {
   using I = i16;
+  using U = u16;
   static v16 Splat(float x) { return v16{} + x; }
   static i16 ToInt(v16 x) { return __builtin_convertvector(x, i16); }
   static v16 ToFloat(i16 x) { return __builtin_convertvector(x, v16); }
@@ -87,12 +90,14 @@ inline bool Any(v16 a) {
 }
 
 // exp(x) for x <= 0 (relative error ~2 ulp); exactly 0 below -87 and at -inf.
+// Below -87 the arithmetic is garbage (NaN at -inf) and the final select
+// discards it, so x needs no clamp.
 template <class V>
 inline V ExpNeg(V x) {
-  using T = Traits<V>;
-  V xc = Max(x, S<V>(-87.0f));
-  V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
-  V r = xc - n * 0.693359375f;
+  using U = typename Traits<V>::U;  // unsigned: wraps in the discarded lanes
+  V t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23 + n: n rounded
+  V n = t - 12582912.0f;
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   V p = S<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -101,7 +106,9 @@ inline V ExpNeg(V x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  auto scale = Bits<V>((T::ToInt(n) + 127) << 23);
+  // 2^n: n sits in t's low mantissa bits; shifting it into the exponent
+  // drops the bits of 1.5 * 2^23.
+  auto scale = Bits<V>((Bits<U>(t) + 127u) << 23);
   return Sel(x < S<V>(-87.0f), S<V>(0.0f), p * scale);
 }
 
