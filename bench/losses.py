@@ -178,15 +178,14 @@ class _Carried:
     return out
 
 
-def build_row(name, shape):
+def build_row(name):
   """({"ours": jitted fn, "naive": jitted fn[, "state": True, ...]}, note or None).
 
   With "state" the functions take (z, mec) and return ((loss, new_mec), grad),
   and "ours_timed" / "naive_timed" are the same steps with the state donated
   and carried (`_Carried`), for timing; otherwise they take z and return
-  (loss, grad). `shape` is unused: every row is built the same way.
+  (loss, grad).
   """
-  del shape
   if name == "entropy":
     return {"ours": _mean_vg(losses.entropy), "naive": _mean_vg(naive_entropy)}, None
   if name == "dem":
@@ -379,7 +378,7 @@ def main(argv=None):
     labels = jax.random.randint(key_y, shape[:-1], 0, num_classes)
     ce = (ce_fn(), (z, labels))
     for name in names:
-      fns, note = build_row(name, shape)
+      fns, note = build_row(name)
       if note:
         notes.append(note)
         print(f"note: {note}", flush=True)

@@ -400,7 +400,6 @@ def _adadem_kernel_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
   if calibrator == "gmc":
     # AdaDEM-Norm: no MEC, so statistics and value come from one kernel.
     return _adadem_norm_kernel(z, norm, delta_from), mec
-  zs = lax.stop_gradient(z)
   weights = (jnp.ones(z.shape[:-1], jnp.float32) if mask is None
              else mask.astype(jnp.float32))
   if axis_name is None and momentum_value is not None:
@@ -409,7 +408,7 @@ def _adadem_kernel_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
     value, new_mec = _adadem_fused(z, weights, lax.stop_gradient(mec).astype(jnp.float32),
                                    momentum_value, norm, delta_from)
     return value, new_mec.astype(mec.dtype)
-  stats, yhat, sums, counts = _kernels.ada_stats(zs, weights, norm=norm,
+  stats, yhat, sums, counts = _kernels.ada_stats(lax.stop_gradient(z), weights, norm=norm,
                                                  delta_from=delta_from)
   new_mec = _mec_from_sums(mec, sums, counts, momentum, axis_name)
   value = _adadem_kernel(z, stats, yhat, new_mec.astype(jnp.float32), calibrator)
@@ -475,16 +474,14 @@ def _adadem_norm_kernel(z, norm, delta_from):
 def _adadem_norm_kernel_fwd(z, norm, delta_from):
   value, stats, res = _kernels.ada_norm_forward(lax.stop_gradient(z), norm=norm,
                                                 delta_from=delta_from)
-  return value, (z, stats, res)
+  # No pseudo-labels or MEC table: the GMC backward kernel reads neither.
+  unused_yhat, unused_table = jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1), jnp.float32)
+  return value, (z, stats, unused_yhat, unused_table, res)
 
 
 def _adadem_norm_kernel_bwd(norm, delta_from, residuals, g):
   del norm, delta_from
-  z, stats, res = residuals
-  unused_yhat, unused_table = jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1), jnp.float32)
-  dz = _kernels.ada_backward(lax.stop_gradient(z), stats, unused_yhat, unused_table, res,
-                             g, calibrator="gmc")
-  return (_first_order_only(dz, z),)
+  return (_adadem_grad(residuals, g, "gmc"),)
 
 
 _adadem_norm_kernel.defvjp(_adadem_norm_kernel_fwd, _adadem_norm_kernel_bwd)

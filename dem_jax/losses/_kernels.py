@@ -168,8 +168,9 @@ def on_cpu(args, kernel_fn, jax_fn):
   return lax.platform_dependent(*args, cpu=kernel_fn, default=jax_fn)
 
 
-def _call(name, out, *args, vmap_method="broadcast_all", **attrs):
-  return jax.ffi.ffi_call(f"dem_jax_{name}", out, vmap_method=vmap_method)(*args, **attrs)
+def _call(name, out, *args, vmap_method="broadcast_all", aliases=None, **attrs):
+  return jax.ffi.ffi_call(f"dem_jax_{name}", out, vmap_method=vmap_method,
+                          input_output_aliases=aliases)(*args, **attrs)
 
 
 def _f32(shape):
@@ -280,10 +281,8 @@ def ada_stats_update(z, weights, mec, momentum, *, norm, delta_from):
   # The new state takes the old one's buffer: where the caller donates the
   # state (a training step), it is updated in place, rows of absent classes
   # untouched; otherwise XLA copies it first.
-  return jax.ffi.ffi_call("dem_jax_AdaStatsUpdate", outs, vmap_method="sequential",
-                          input_output_aliases={2: 2})(
-                              z, weights, mec, momentum=np.float32(momentum),
-                              **_ada_attrs(norm, delta_from))
+  return _call("AdaStatsUpdate", outs, z, weights, mec, vmap_method="sequential",
+               aliases={2: 2}, momentum=np.float32(momentum), **_ada_attrs(norm, delta_from))
 
 
 def ada_forward(z, stats, yhat, mec, *, calibrator):

@@ -58,14 +58,12 @@ template <> struct Traits<float> {
   using I = int32_t;
   using U = uint32_t;
   static float Splat(float x) { return x; }
-  static int32_t ToInt(float x) { return static_cast<int32_t>(x); }
   static float ToFloat(int32_t x) { return static_cast<float>(x); }
 };
 template <> struct Traits<v16> {
   using I = i16;
   using U = u16;
   static v16 Splat(float x) { return v16{} + x; }
-  static i16 ToInt(v16 x) { return __builtin_convertvector(x, i16); }
   static v16 ToFloat(i16 x) { return __builtin_convertvector(x, v16); }
 };
 
@@ -374,10 +372,10 @@ inline void TileToRows(const float* tile, int64_t c, int lanes, float* const row
     for (int64_t j = j0; j < c; ++j) rows[l][j] = tile[j * kLanes + l];
 }
 
-// Runs `tile_fn(tile, lanes)` over rows [begin, end) in the layout that suits
-// C; `setup(tile, first_row, lanes)` fills per-example pointers (MEC rows,
-// outputs). For LaneTile, the last group repeats its last row in the unused
-// lanes (their results are dropped).
+// Runs `row_fn(tile, row)` (C > 32) or `lane_fn(tile, first_row, lanes)` over
+// rows [begin, end), each tile holding the logits; the callers point the tile
+// at MEC rows and outputs. For LaneTile, the last group repeats its last row
+// in the unused lanes (their results are dropped).
 template <class RowFn, class LaneFn>
 void ForRows(int64_t begin, int64_t end, int64_t c, const float* z, RowFn row_fn,
              LaneFn lane_fn) {
@@ -399,26 +397,11 @@ void ForRows(int64_t begin, int64_t end, int64_t c, const float* z, RowFn row_fn
   }
 }
 
-// Per-example scalar results: RowTile returns float, LaneTile v16.
-inline void Put(float* dst, int64_t r, int64_t stride, int64_t k, float v, int) {
-  dst[r * stride + k] = v;
-}
-inline void Put(float* dst, int64_t r0, int64_t stride, int64_t k, v16 v, int lanes) {
-  for (int l = 0; l < lanes; ++l) dst[(r0 + l) * stride + k] = v[l];
-}
-inline float Get(const float* src, int64_t r, int64_t stride, int64_t k, float) {
-  return src[r * stride + k];
-}
-inline v16 Get(const float* src, int64_t r0, int64_t stride, int64_t k, v16, int lanes) {
-  v16 v;
-  for (int l = 0; l < kLanes; ++l) v[l] = src[(r0 + std::min(l, lanes - 1)) * stride + k];
-  return v;
-}
-
 // All `stride` scalars (1, 3 or 4) of a tile's examples at once:
 // v[k][l] <-> buf[(r0 + l) * stride + k]. A full tile of 16 moves with a few
 // vector permutes on AVX-512 (element by element, these moves cost as much
-// as a value pass's arithmetic); a partial tile, and other CPUs, use Get/Put.
+// as a value pass's arithmetic); a partial tile (the last one repeating its
+// last example in the unused lanes), and other CPUs, go element by element.
 // Pure data movement: the same bits either way.
 #if defined(__AVX512F__)
 inline __m512i LaneIota() {
@@ -450,7 +433,8 @@ inline void GetLanes(const float* src, int64_t r0, int64_t stride, int lanes, v1
     return;
   }
 #endif
-  for (int64_t k = 0; k < stride; ++k) v[k] = Get(src, r0, stride, k, v16{}, lanes);
+  for (int64_t k = 0; k < stride; ++k)
+    for (int l = 0; l < kLanes; ++l) v[k][l] = src[(r0 + std::min(l, lanes - 1)) * stride + k];
 }
 
 inline void PutLanes(float* dst, int64_t r0, int64_t stride, int lanes, const v16* v) {
@@ -480,7 +464,8 @@ inline void PutLanes(float* dst, int64_t r0, int64_t stride, int lanes, const v1
     return;
   }
 #endif
-  for (int64_t k = 0; k < stride; ++k) Put(dst, r0, stride, k, v[k], lanes);
+  for (int64_t k = 0; k < stride; ++k)
+    for (int l = 0; l < lanes; ++l) dst[(r0 + l) * stride + k] = v[k][l];
 }
 
 // Centred logits: zc = max(z - max z, lowest) (masked classes -> lowest, so
@@ -500,6 +485,23 @@ inline typename T::V RowMax(const T& t) {
 enum Mode : int64_t { kEntropy = 0, kCadf = 1, kGmc = 2, kDem = 3 };
 constexpr int64_t kDemStats = 4;
 
+template <class V> struct Moments { V lse, mean, inv_sum; };
+
+// log sum exp(zc) and E_p[zc] of the centred logits `zc(j)`; `on_exp(j, e)`
+// sees each exp(zc_j) (AdaDEM keeps them).
+template <class T, class Zc, class OnExp>
+ALWAYS_INLINE Moments<typename T::V> SoftmaxMoments(const T& t, Zc zc, OnExp on_exp) {
+  using V = typename T::V;
+  using W = V3<V>;
+  W r = t.Sum3([&](int64_t j) {
+    V x = zc(j), e = ExpNeg(x);
+    on_exp(j, e);
+    return W{e, e * x, S<V>(0.0f)};
+  });
+  V sum = Max(r.a, S<V>(1.0f)), inv = 1.0f / sum;
+  return {Log(sum), r.b * inv, inv};
+}
+
 template <class T>
 ALWAYS_INLINE void DemForward(const T& t, int64_t mode, float tau, float alpha,
                        typename T::V* value, typename T::V stats[kDemStats]) {
@@ -510,13 +512,9 @@ ALWAYS_INLINE void DemForward(const T& t, int64_t mode, float tau, float alpha,
   bool need_p = mode != kCadf, need_q = mode == kCadf || mode == kDem;
   using W = V3<V>;
   if (mode == kEntropy) {
-    W r = t.Sum3([&](int64_t j) {
-      V x = zc(j), e = ExpNeg(x);
-      return W{e, e * x, S<V>(0.0f)};
-    });
-    V inv = 1.0f / Max(r.a, S<V>(1.0f));
-    lse_p = Log(Max(r.a, S<V>(1.0f)));
-    mean = r.b * inv;
+    Moments<V> mo = SoftmaxMoments(t, zc, [](int64_t, V) {});
+    lse_p = mo.lse;
+    mean = mo.mean;
     *value = lse_p - mean;
   } else {
     float inv_tau = 1.0f / tau;
@@ -652,8 +650,9 @@ ffi::Error DemBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer sta
 
 
 // ---------------------------------------------------------------------------
-// AdaDEM. Softmax stats per example as for the entropy: (max, lse, 0, E_p zc),
-// plus the pseudo-label (first argmax).
+// AdaDEM. Stats per example: the entropy's softmax stats with delta in the
+// slot of lse_q, (max, lse, delta, E_p zc), plus the pseudo-label (first
+// argmax).
 // ---------------------------------------------------------------------------
 
 // The pseudo-label: the first index at the row maximum m (an all-masked row
@@ -693,21 +692,20 @@ constexpr float kDeltaFloor = 1e-6f;
 // p = exp(zc) / sum; sixteen (LaneTile, few classes) compute
 // p = exp(zc - lse) again, to the bit what these kernels gave before the
 // reuse (the README's 10-class experiments were run with it).
+// `yhat` == nullptr (AdaDEM-Norm): no pseudo-label, and p only as far as
+// delta needs it.
 template <class T>
 ALWAYS_INLINE void AdaStatsOf(const T& t, int64_t norm, bool delta_from_entropy,
                               typename T::V* p, typename T::V st[kDemStats],
                               typename T::V* yhat) {
   using V = typename T::V;
-  using W = V3<V>;
   constexpr bool kReuse = std::is_same_v<V, float>;
   V m = RowMax(t);
   auto zc = [&](int64_t j) { return Max(t.Z(j) - m, S<V>(kLowest)); };
-  W r = t.Sum3([&](int64_t j) {
-    V x = zc(j), e = ExpNeg(x);
+  Moments<V> mo = SoftmaxMoments(t, zc, [&](int64_t j, V e) {
     if constexpr (kReuse) p[j] = e;
-    return W{e, e * x, S<V>(0.0f)};
   });
-  V sum = Max(r.a, S<V>(1.0f)), inv = 1.0f / sum, mean = r.b * inv, lse = Log(sum);
+  V inv = mo.inv_sum, mean = mo.mean, lse = mo.lse;
   auto prob = [&](int64_t j) {
     if constexpr (kReuse) return p[j] * inv;
     else return ExpNeg(zc(j) - lse);
@@ -720,7 +718,7 @@ ALWAYS_INLINE void AdaStatsOf(const T& t, int64_t norm, bool delta_from_entropy,
   };
   V delta = S<V>(1.0f);
   if (norm == kNoNorm) {
-    t.Each([&](int64_t j) { p[j] = prob(j); });
+    if (yhat != nullptr) t.Each([&](int64_t j) { p[j] = prob(j); });
   } else if (norm == kL1) {
     delta = t.Sum([&](int64_t j) { return Abs(reward(j)); });
   } else if (norm == kL2) {
@@ -731,7 +729,7 @@ ALWAYS_INLINE void AdaStatsOf(const T& t, int64_t norm, bool delta_from_entropy,
     delta = t.MaxOf([&](int64_t j) { return Abs(reward(j)); });
   }
   st[0] = m; st[1] = lse; st[2] = delta; st[3] = mean;
-  *yhat = FirstArgmax(t, m);
+  if (yhat != nullptr) *yhat = FirstArgmax(t, m);
 }
 
 // Value (T + c . z) / delta and the residuals of the backward pass; c is the
@@ -1081,16 +1079,16 @@ ffi::Error AdaNormFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t norm,
     std::vector<float> p(c <= kMaxLaneClasses ? 0 : c);
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
-          float st[kDemStats], y, v, out[kAdaRes];
-          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, &y);
+          float st[kDemStats], v, out[kAdaRes];
+          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, nullptr);
           AdaForward(t, st, true, &v, out);
           vp[r] = v;
           for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
           for (int k = 0; k < kAdaRes; ++k) rp[r * kAdaRes + k] = out[k];
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
-          v16 pt[kMaxLaneClasses], st[kDemStats], y, v, out[kAdaRes];
-          AdaStatsOf(t, norm, delta_from_entropy, pt, st, &y);
+          v16 pt[kMaxLaneClasses], st[kDemStats], v, out[kAdaRes];
+          AdaStatsOf(t, norm, delta_from_entropy, pt, st, nullptr);
           AdaForward(t, st, true, &v, out);
           PutLanes(vp, r0, 1, lanes, &v);
           PutLanes(sp, r0, kDemStats, lanes, st);
