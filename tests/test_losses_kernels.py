@@ -150,11 +150,15 @@ def test_kernels_take_low_precision_logits(dtype):
 
 
 @pytest.mark.parametrize("name", ["entropy", "dem"])
-def test_hessian_through_the_kernels_is_the_closed_form_one(name):
-  z = logits((2, 5), seed=6)
+@pytest.mark.parametrize("shape", [(2, 5), (2, 40)])
+def test_hessian_through_the_kernels_is_the_closed_form_one(name, shape):
+  """Few classes: forward and backward kernels; many: the gradient is made in
+  the forward kernel and the backward pass scales it."""
+  z = logits(shape, seed=6)
   z = z.at[..., 1].set(0.5)  # finite: the Hessian of -inf classes is not compared
   loss = DEM_LOSSES[name]
-  assert_paths_agree(jax.hessian(lambda z: jnp.sum(loss(z, None))), z, what=f"hessian of {name}")
+  assert_paths_agree(jax.hessian(lambda z: jnp.sum(loss(z, None))), z,
+                     what=f"hessian of {name} {shape}")
 
 
 def test_vmap_over_a_batch_of_problems_uses_rows_of_the_kernel():

@@ -15,7 +15,12 @@ XLA, and wraps them for the losses:
   pure-JAX path, with one warning when a build fails;
 * each kernel call is a `jax.custom_jvp` whose tangent is that of the pure-JAX
   formula, so `jax.hessian` (forward over reverse) still differentiates the
-  closed-form backward pass.
+  closed-form backward pass;
+* for many classes (C > 32) a value-and-gradient of EM/CADF/GMC/DEM makes the
+  gradient (at cotangent 1) in the forward pass, keeping each exponential from
+  the row sums to the gradient, and the backward pass scales each row by its
+  cotangent: half the exponentials of a separate backward pass, for a
+  residual of the logits' size (the logits themselves before).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ DEM_MODES = {"entropy": 0, "cadf": 1, "gmc": 2, "dem": 3}
 NORM_CODES = {None: 0, "l1": 1, "l2": 2, "linf": 3}
 DEM_STATS = 4   # (max, lse_p, lse_q, mean) per example
 ADA_RES = 3     # (1 / delta, scale, empty) per example
-HANDLERS = ("DemFwd", "DemBwd", "AdaStats", "AdaStatsUpdate", "AdaFwd", "AdaNormFwd",
+HANDLERS = ("DemFwd", "DemBwd", "DemFwdGrad", "ScaleRows", "AdaStats", "AdaStatsUpdate", "AdaFwd", "AdaNormFwd",
             "AdaBwd")
 
 _lock = threading.Lock()
@@ -239,6 +244,45 @@ def dem_backward(z, stats, g, mode, tau, alpha):
 @dem_backward.defjvp
 def _dem_backward_jvp(mode, tau, alpha, primals, tangents):
   return jax.jvp(lambda *a: jax_dem_grad(*a, mode, tau, alpha), primals, tangents)
+
+
+# Value and gradient in one pass for rows of more than MAX_LANE_CLASSES
+# classes (`DemForwardGrad` in kernels.cc): each exponential once, the
+# backward pass a scale of each row by its cotangent.
+MAX_LANE_CLASSES = 32
+
+
+def fuses_grad(z) -> bool:
+  """Whether `dem_forward_grad` applies to these `[..., C]` logits (C > 32)."""
+  return z.shape[-1] > MAX_LANE_CLASSES
+
+
+def jax_dem_value_grad(z, mode, tau, alpha):
+  """Pure-JAX `(value, gradient at g = 1)` of `dem_forward_grad`."""
+  value, stats = jax_dem_stats(z, mode, tau, alpha)
+  return value, jax_dem_grad(z, stats, jnp.ones_like(value), mode, tau, alpha)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def dem_forward_grad(z, mode, tau, alpha):
+  return _call("DemFwdGrad", (_f32(z.shape[:-1]), _f32(z.shape)), z,
+               **_dem_attrs(mode, tau, alpha))
+
+
+@dem_forward_grad.defjvp
+def _dem_forward_grad_jvp(mode, tau, alpha, primals, tangents):
+  return jax.jvp(lambda z: jax_dem_value_grad(z, mode, tau, alpha), primals, tangents)
+
+
+@jax.custom_jvp
+def scale_rows(grad, g):
+  """`g[..., None] * grad`, in grad's buffer where it is not used elsewhere."""
+  return _call("ScaleRows", _f32(grad.shape), grad, g, aliases={0: 0})
+
+
+@scale_rows.defjvp
+def _scale_rows_jvp(primals, tangents):
+  return jax.jvp(lambda a, g: g[..., None] * a, primals, tangents)
 
 
 # --------------------------------------------------------------------------

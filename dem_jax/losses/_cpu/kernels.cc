@@ -610,6 +610,114 @@ ffi::Error DemFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t mode, floa
   return ffi::Error::Success();
 }
 
+// DemForward for rows of C > 32 that also writes the per-example gradient
+// (DemBackward at g = 1) to t.out, for a value and gradient: each
+// exponential is computed once and kept (in t.out, and in `scratch` for DEM's
+// second one) from the sums to the gradient, so DEM costs two exponentials
+// per logit instead of four, the others one instead of two. The backward
+// pass then only scales each row by its cotangent (ScaleRows).
+ALWAYS_INLINE void DemForwardGrad(const RowTile& t, int64_t mode, float tau, float alpha,
+                                  float* scratch, float* value) {
+  float m = RowMax(t);
+  auto zc = [&](int64_t j) { return Max(t.Z(j) - m, kLowest); };
+  float* out = t.out;
+  float lse_p = 0.f, mean = 0.f, inv_p = 0.f, inv_q = 0.f;
+  float inv_tau = 1.0f / tau;
+  using W = V3<float>;
+  if (mode == kEntropy) {
+    Moments<float> mo = SoftmaxMoments(t, zc, [&](int64_t j, float e) { out[j] = e; });
+    lse_p = mo.lse;
+    mean = mo.mean;
+    *value = lse_p - mean;
+    t.Each([&](int64_t j) { out[j] = out[j] * mo.inv_sum * (mean - zc(j)); });
+  } else {
+    W r;
+    if (mode == kDem) {
+      r = t.Sum3([&](int64_t j) {
+        float x = zc(j), e = ExpNeg(x), f = ExpNeg(x * inv_tau);
+        out[j] = e;
+        scratch[j] = f;
+        return W{e, f, f * x};
+      });
+    } else if (mode == kCadf) {
+      r = t.Sum3([&](int64_t j) {
+        float x = zc(j), f = ExpNeg(x * inv_tau);
+        out[j] = f;
+        return W{0.0f, f, f * x};
+      });
+    } else {
+      r = t.Sum3([&](int64_t j) {
+        float e = ExpNeg(zc(j));
+        out[j] = e;
+        return W{e, 0.0f, 0.0f};
+      });
+    }
+    if (mode != kCadf) {
+      float sum = Max(r.a, 1.0f);
+      lse_p = Log(sum);
+      inv_p = alpha / sum;
+    }
+    if (mode != kGmc) {
+      float sum = Max(r.b, 1.0f);
+      mean = r.c / sum;
+      inv_q = inv_tau / sum;
+    }
+    if (mode == kGmc) {
+      *value = alpha * (lse_p + m);
+      t.Each([&](int64_t j) { out[j] = inv_p * out[j]; });
+    } else if (mode == kCadf) {
+      *value = -mean - m;
+      t.Each([&](int64_t j) { out[j] = -inv_q * out[j] * (zc(j) - mean + tau); });
+    } else {
+      *value = -mean + alpha * lse_p + (alpha - 1.0f) * m;
+      t.Each([&](int64_t j) {
+        out[j] = inv_p * out[j] - inv_q * scratch[j] * (zc(j) - mean + tau);
+      });
+    }
+  }
+}
+
+ffi::Error DemFwdGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t mode, float tau,
+                          float alpha, ffi::Result<ffi::AnyBuffer> value,
+                          ffi::Result<ffi::AnyBuffer> grad) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  if (n > 0 && c <= kMaxLaneClasses)
+    return ffi::Error::InvalidArgument("DemFwdGrad is for rows of more than 32 classes");
+  const float* zp = z.typed_data<float>();
+  float* vp = value->typed_data<float>();
+  float* gp = grad->typed_data<float>();
+  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    std::vector<float> scratch(mode == kDem ? c : 0);
+    for (int64_t r = b; r < e; ++r) {
+      RowTile t{c, zp + r * c};
+      t.out = gp + r * c;
+      DemForwardGrad(t, mode, tau, alpha, scratch.data(), vp + r);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dz[r, :] = g[r] * grad[r, :], in place (dz is grad's buffer).
+ffi::Error ScaleRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad, ffi::AnyBuffer g,
+                         ffi::Result<ffi::AnyBuffer> dz) {
+  int64_t c;
+  int64_t n = Rows(grad, &c);
+  const float* src = grad.typed_data<float>();
+  const float* gp = g.typed_data<float>();
+  float* dp = dz->typed_data<float>();
+  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float s = gp[r];
+      const float* a = src + r * c;
+      float* o = dp + r * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) o[j] = s * a[j];
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // Writes a transposed [c][16] gradient tile back to rows r0..r0+lanes.
 inline void StoreTile(const float* tile, float* dst, int64_t r0, int lanes, int64_t c) {
   float* rows[kLanes];
@@ -1154,6 +1262,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DemBwd, DemBwdImpl,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
         .Attr<int64_t>("mode").Attr<float>("tau").Attr<float>("alpha")
         .Ret<Buf>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemFwdGrad, DemFwdGradImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>()
+        .Attr<int64_t>("mode").Attr<float>("tau").Attr<float>("alpha")
+        .Ret<Buf>().Ret<Buf>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ScaleRows, ScaleRowsImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Ret<Buf>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaStats, AdaStatsFfi,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>()
