@@ -472,6 +472,10 @@ def _adadem_norm_kernel(z, norm, delta_from):
 
 
 def _adadem_norm_kernel_fwd(z, norm, delta_from):
+  if _kernels.fuses_grad(z):  # many classes: the gradient in the same pass
+    value, grad = _kernels.ada_norm_forward_grad(lax.stop_gradient(z), norm=norm,
+                                                 delta_from=delta_from)
+    return value, (z, grad)
   value, stats, res = _kernels.ada_norm_forward(lax.stop_gradient(z), norm=norm,
                                                 delta_from=delta_from)
   # No pseudo-labels or MEC table: the GMC backward kernel reads neither.
@@ -481,6 +485,9 @@ def _adadem_norm_kernel_fwd(z, norm, delta_from):
 
 def _adadem_norm_kernel_bwd(norm, delta_from, residuals, g):
   del norm, delta_from
+  if len(residuals) == 2:  # (z, gradient at cotangent 1)
+    z, grad = residuals
+    return (_first_order_only(_kernels.scale_rows(grad, g), z),)
   return (_adadem_grad(residuals, g, "gmc"),)
 
 

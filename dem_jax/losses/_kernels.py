@@ -16,8 +16,8 @@ XLA, and wraps them for the losses:
 * each kernel call is a `jax.custom_jvp` whose tangent is that of the pure-JAX
   formula, so `jax.hessian` (forward over reverse) still differentiates the
   closed-form backward pass;
-* for many classes (C > 32) a value-and-gradient of EM/CADF/GMC/DEM makes the
-  gradient (at cotangent 1) in the forward pass, keeping each exponential from
+* for many classes (C > 32) a value-and-gradient of EM/CADF/GMC/DEM and of
+  AdaDEM-Norm makes the gradient (at cotangent 1) in the forward pass, keeping each exponential from
   the row sums to the gradient, and the backward pass scales each row by its
   cotangent: half the exponentials of a separate backward pass, for a
   residual of the logits' size (the logits themselves before).
@@ -51,7 +51,7 @@ DEM_MODES = {"entropy": 0, "cadf": 1, "gmc": 2, "dem": 3}
 NORM_CODES = {None: 0, "l1": 1, "l2": 2, "linf": 3}
 DEM_STATS = 4   # (max, lse_p, lse_q, mean) per example
 ADA_RES = 3     # (1 / delta, scale, empty) per example
-HANDLERS = ("DemFwd", "DemBwd", "DemFwdGrad", "ScaleRows", "AdaStats", "AdaStatsUpdate", "AdaFwd", "AdaNormFwd",
+HANDLERS = ("DemFwd", "DemBwd", "DemFwdGrad", "ScaleRows", "AdaStats", "AdaStatsUpdate", "AdaFwd", "AdaNormFwd", "AdaNormFwdGrad",
             "AdaBwd")
 
 _lock = threading.Lock()
@@ -340,6 +340,15 @@ def ada_norm_forward(z, *, norm, delta_from):
   """AdaDEM-Norm's `(value, stats, res)` in one pass (no MEC to wait for)."""
   n = z.shape[:-1]
   return _call("AdaNormFwd", (_f32(n), _f32(n + (DEM_STATS,)), _f32(n + (ADA_RES,))), z,
+               vmap_method="sequential", **_ada_attrs(norm, delta_from))
+
+
+def ada_norm_forward_grad(z, *, norm, delta_from):
+  """AdaDEM-Norm's `(value, grad)` for `[..., C]` logits with C > 32.
+
+  `grad` is the gradient at cotangent 1 (`scale_rows` gives the backward pass).
+  """
+  return _call("AdaNormFwdGrad", (_f32(z.shape[:-1]), _f32(z.shape)), z,
                vmap_method="sequential", **_ada_attrs(norm, delta_from))
 
 

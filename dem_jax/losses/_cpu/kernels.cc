@@ -800,12 +800,12 @@ constexpr float kDeltaFloor = 1e-6f;
 // p = exp(zc) / sum; sixteen (LaneTile, few classes) compute
 // p = exp(zc - lse) again, to the bit what these kernels gave before the
 // reuse (the README's 10-class experiments were run with it).
-// `yhat` == nullptr (AdaDEM-Norm): no pseudo-label, and p only as far as
-// delta needs it.
+// `yhat` == nullptr (AdaDEM-Norm): no pseudo-label. Without `keep_p`, p
+// only as far as delta needs it.
 template <class T>
 ALWAYS_INLINE void AdaStatsOf(const T& t, int64_t norm, bool delta_from_entropy,
                               typename T::V* p, typename T::V st[kDemStats],
-                              typename T::V* yhat) {
+                              typename T::V* yhat, bool keep_p) {
   using V = typename T::V;
   constexpr bool kReuse = std::is_same_v<V, float>;
   V m = RowMax(t);
@@ -826,7 +826,7 @@ ALWAYS_INLINE void AdaStatsOf(const T& t, int64_t norm, bool delta_from_entropy,
   };
   V delta = S<V>(1.0f);
   if (norm == kNoNorm) {
-    if (yhat != nullptr) t.Each([&](int64_t j) { p[j] = prob(j); });
+    if (keep_p) t.Each([&](int64_t j) { p[j] = prob(j); });
   } else if (norm == kL1) {
     delta = t.Sum([&](int64_t j) { return Abs(reward(j)); });
   } else if (norm == kL2) {
@@ -878,15 +878,16 @@ ALWAYS_INLINE void AdaForward(const T& t, const typename T::V st[kDemStats], boo
 }
 
 // dz = g / delta (c - p (zc - E_p zc + 1)): calibrator minus CADF reward.
-template <bool kGmc, class T>
-ALWAYS_INLINE void AdaBackward(const T& t, const typename T::V st[kDemStats],
-                        const typename T::V res[kAdaRes], typename T::V g) {
+// `prob(j, zc_j)` gives p_j.
+template <bool kGmc, class T, class Prob>
+ALWAYS_INLINE void AdaGradient(const T& t, const typename T::V st[kDemStats],
+                               const typename T::V res[kAdaRes], typename T::V g, Prob prob) {
   using V = typename T::V;
-  V m = st[0], lse = st[1], mean = st[3];
+  V m = st[0], mean = st[3];
   V gd = g * res[0], scale = res[1], empty = res[2];
   t.Each([&](int64_t j) {
     V x = Max(t.Z(j) - m, S<V>(kLowest));
-    V p = ExpNeg(x - lse);
+    V p = prob(j, x);
     V cadf = p * (x - mean + 1.0f);
     V cal;
     if constexpr (kGmc) {
@@ -897,6 +898,15 @@ ALWAYS_INLINE void AdaBackward(const T& t, const typename T::V st[kDemStats],
     }
     t.Out(j, gd * (cal - cadf));
   });
+}
+
+// The backward pass: p = exp(zc - lse) again.
+template <bool kGmc, class T>
+ALWAYS_INLINE void AdaBackward(const T& t, const typename T::V st[kDemStats],
+                               const typename T::V res[kAdaRes], typename T::V g) {
+  using V = typename T::V;
+  V lse = st[1];
+  AdaGradient<kGmc>(t, st, res, g, [&](int64_t, V x) { return ExpNeg(x - lse); });
 }
 
 template <class T>
@@ -1071,14 +1081,14 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
     ForRows(b, e, c, zp,
         [&](const RowTile& t, int64_t r) {
           float st[kDemStats], y;
-          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, &y);
+          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, &y, true);
           for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
           yp[r] = static_cast<int32_t>(y);
           part.Add(yp[r], wp[r], p.data());
         },
         [&](const LaneTile& t, int64_t r0, int lanes) {
           v16 pt[kMaxLaneClasses], st[kDemStats], y;
-          AdaStatsOf(t, norm, delta_from_entropy, pt, st, &y);
+          AdaStatsOf(t, norm, delta_from_entropy, pt, st, &y, true);
           PutLanes(sp, r0, kDemStats, lanes, st);
           // Back to one row per example, so that each is added with vector ops.
           alignas(64) float rows_p[kLanes * kMaxLaneClasses];
@@ -1188,7 +1198,7 @@ ffi::Error AdaNormFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t norm,
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
           float st[kDemStats], v, out[kAdaRes];
-          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, nullptr);
+          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, nullptr, false);
           AdaForward(t, st, true, &v, out);
           vp[r] = v;
           for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
@@ -1196,12 +1206,39 @@ ffi::Error AdaNormFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t norm,
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
           v16 pt[kMaxLaneClasses], st[kDemStats], v, out[kAdaRes];
-          AdaStatsOf(t, norm, delta_from_entropy, pt, st, nullptr);
+          AdaStatsOf(t, norm, delta_from_entropy, pt, st, nullptr, false);
           AdaForward(t, st, true, &v, out);
           PutLanes(vp, r0, 1, lanes, &v);
           PutLanes(sp, r0, kDemStats, lanes, st);
           PutLanes(rp, r0, kAdaRes, lanes, out);
         });
+  });
+  return ffi::Error::Success();
+}
+
+// AdaDEM-Norm for rows of C > 32, for a value and gradient: the value and the
+// gradient at cotangent 1 in one pass, p kept in the gradient's row from the
+// statistics to the gradient (one exponential per logit; ScaleRows is the
+// backward pass).
+ffi::Error AdaNormFwdGradFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t norm,
+                             int64_t delta_from_entropy, ffi::Result<ffi::AnyBuffer> value,
+                             ffi::Result<ffi::AnyBuffer> grad) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  if (n > 0 && c <= kMaxLaneClasses)
+    return ffi::Error::InvalidArgument("AdaNormFwdGrad is for rows of more than 32 classes");
+  const float* zp = z.typed_data<float>();
+  float* vp = value->typed_data<float>();
+  float* gp = grad->typed_data<float>();
+  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      RowTile t{c, zp + r * c};
+      t.out = gp + r * c;
+      float st[kDemStats], res[kAdaRes];
+      AdaStatsOf(t, norm, delta_from_entropy, t.out, st, nullptr, true);
+      AdaForward(t, st, true, vp + r, res);
+      AdaGradient<true>(t, st, res, 1.0f, [&](int64_t j, float) { return t.out[j]; });
+    }
   });
   return ffi::Error::Success();
 }
@@ -1290,6 +1327,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaNormFwd, AdaNormFwdFfi,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>()
         .Attr<int64_t>("norm").Attr<int64_t>("delta_from_entropy")
         .Ret<Buf>().Ret<Buf>().Ret<Buf>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaNormFwdGrad, AdaNormFwdGradFfi,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>()
+        .Attr<int64_t>("norm").Attr<int64_t>("delta_from_entropy")
+        .Ret<Buf>().Ret<Buf>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaBwd, AdaBwdFfi,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
