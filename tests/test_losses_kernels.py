@@ -161,6 +161,22 @@ def test_hessian_through_the_kernels_is_the_closed_form_one(name, shape):
                      what=f"hessian of {name} {shape}")
 
 
+@pytest.mark.parametrize("name", ["dem", "AdaDEM-Norm"])
+def test_a_vjp_called_twice_gives_the_same_gradient(name):
+  """For C > 32 the backward pass scales the forward's gradient in its buffer;
+  that must never consume the residual that a second call needs."""
+  z = logits((5, 50), seed=10)
+  loss = {"dem": lambda z: losses.dem(z, 1.3, 0.8),
+          "AdaDEM-Norm": lambda z: losses.adadem(z, None, calibrator="gmc")[0]}[name]
+  for f in (loss, jax.jit(loss)):
+    _, vjp = jax.vjp(f, z)
+    first, double, again = (vjp(k * jnp.ones(5))[0] for k in (1.0, 2.0, 1.0))
+    np.testing.assert_array_equal(
+        first, again, err_msg=f"{name}: a second call of the same vjp gave another gradient")
+    np.testing.assert_allclose(double, 2 * first, rtol=1e-6,
+                               err_msg=f"{name}: the gradient is not linear in the cotangent")
+
+
 def test_vmap_over_a_batch_of_problems_uses_rows_of_the_kernel():
   z = logits((3, 8, 40), seed=7)
   assert_paths_agree(jax.vmap(jax.grad(lambda z: jnp.mean(losses.dem(z, 1.3, 0.8)))), z,
