@@ -14,6 +14,11 @@
 //              classes of a transposed tile (few classes: pixel-wise
 //              segmentation with C = 19 would waste most of a vector).
 // Work is split over XLA's intra-op thread pool by blocks of rows.
+//
+// A value and gradient takes a forward and a backward kernel, except for
+// RowTile rows of EM/CADF/GMC/DEM and AdaDEM-Norm, whose forward kernel also
+// writes the gradient at cotangent 1 (each exponential computed once) and
+// whose backward pass scales each row by its cotangent (ScaleRows).
 
 #include <algorithm>
 #include <atomic>
