@@ -17,10 +17,11 @@ XLA, and wraps them for the losses:
   formula, so `jax.hessian` (forward over reverse) still differentiates the
   closed-form backward pass;
 * for many classes (C > 32) a value-and-gradient of EM/CADF/GMC/DEM and of
-  AdaDEM-Norm makes the gradient (at cotangent 1) in the forward pass, keeping each exponential from
-  the row sums to the gradient, and the backward pass scales each row by its
-  cotangent: half the exponentials of a separate backward pass, for a
-  residual of the logits' size (the logits themselves before).
+  AdaDEM-Norm makes the gradient (at cotangent 1) in the forward pass,
+  keeping each exponential from the row sums to the gradient, and the
+  backward pass scales each row by its cotangent: half the exponentials of a
+  separate backward pass, for a residual of the logits' size (the logits
+  themselves before).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ DEM_MODES = {"entropy": 0, "cadf": 1, "gmc": 2, "dem": 3}
 NORM_CODES = {None: 0, "l1": 1, "l2": 2, "linf": 3}
 DEM_STATS = 4   # (max, lse_p, lse_q, mean) per example
 ADA_RES = 3     # (1 / delta, scale, empty) per example
-HANDLERS = ("DemFwd", "DemBwd", "DemFwdGrad", "ScaleRows", "AdaStats", "AdaStatsUpdate", "AdaFwd", "AdaNormFwd", "AdaNormFwdGrad",
-            "AdaBwd")
+HANDLERS = ("DemFwd", "DemBwd", "DemFwdGrad", "ScaleRows", "AdaStats", "AdaStatsUpdate",
+            "AdaFwd", "AdaNormFwd", "AdaNormFwdGrad", "AdaBwd")
 
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None}
@@ -249,7 +250,7 @@ def _dem_backward_jvp(mode, tau, alpha, primals, tangents):
 # Value and gradient in one pass for rows of more than MAX_LANE_CLASSES
 # classes (`DemForwardGrad` in kernels.cc): each exponential once, the
 # backward pass a scale of each row by its cotangent.
-MAX_LANE_CLASSES = 32
+MAX_LANE_CLASSES = 32  # kMaxLaneClasses in kernels.cc: 16 examples per vector up to it
 
 
 def fuses_grad(z) -> bool:
