@@ -507,9 +507,19 @@ ALWAYS_INLINE Moments<typename T::V> SoftmaxMoments(const T& t, Zc zc, OnExp on_
   return {Log(sum), r.b * inv, inv};
 }
 
-template <class T>
+// Keeps no exponential (the forward pass alone).
+struct KeepNone {
+  template <class V> void P(int64_t, V) const {}
+  template <class V> void Q(int64_t, V) const {}
+};
+
+// `keep.P(j, exp(zc_j))` and `keep.Q(j, exp(zc_j / tau))` see each
+// exponential the mode needs as it is made, and `inv` (if given) receives
+// 1 / sum of each: what DemForwardGrad needs for the gradient.
+template <class T, class Keep = KeepNone>
 ALWAYS_INLINE void DemForward(const T& t, int64_t mode, float tau, float alpha,
-                       typename T::V* value, typename T::V stats[kDemStats]) {
+                              typename T::V* value, typename T::V stats[kDemStats],
+                              Keep keep = Keep(), typename T::V* inv = nullptr) {
   using V = typename T::V;
   V m = RowMax(t);
   auto zc = [&](int64_t j) { return Max(t.Z(j) - m, S<V>(kLowest)); };
@@ -517,30 +527,44 @@ ALWAYS_INLINE void DemForward(const T& t, int64_t mode, float tau, float alpha,
   bool need_p = mode != kCadf, need_q = mode == kCadf || mode == kDem;
   using W = V3<V>;
   if (mode == kEntropy) {
-    Moments<V> mo = SoftmaxMoments(t, zc, [](int64_t, V) {});
+    Moments<V> mo = SoftmaxMoments(t, zc, [&](int64_t j, V e) { keep.P(j, e); });
     lse_p = mo.lse;
     mean = mo.mean;
+    if (inv != nullptr) inv[0] = mo.inv_sum;
     *value = lse_p - mean;
   } else {
     float inv_tau = 1.0f / tau;
     W r;
     if (need_p && need_q) {
       r = t.Sum3([&](int64_t j) {
-        V x = zc(j), f = ExpNeg(x * inv_tau);
-        return W{ExpNeg(x), f, f * x};
+        V x = zc(j), e = ExpNeg(x), f = ExpNeg(x * inv_tau);
+        keep.P(j, e);
+        keep.Q(j, f);
+        return W{e, f, f * x};
       });
     } else if (need_q) {
       r = t.Sum3([&](int64_t j) {
         V x = zc(j), f = ExpNeg(x * inv_tau);
+        keep.Q(j, f);
         return W{S<V>(0.0f), f, f * x};
       });
     } else {
-      r = t.Sum3([&](int64_t j) { return W{ExpNeg(zc(j)), S<V>(0.0f), S<V>(0.0f)}; });
+      r = t.Sum3([&](int64_t j) {
+        V e = ExpNeg(zc(j));
+        keep.P(j, e);
+        return W{e, S<V>(0.0f), S<V>(0.0f)};
+      });
     }
-    if (need_p) lse_p = Log(Max(r.a, S<V>(1.0f)));
+    if (need_p) {
+      V sum = Max(r.a, S<V>(1.0f));
+      lse_p = Log(sum);
+      if (inv != nullptr) inv[0] = 1.0f / sum;
+    }
     if (need_q) {
-      lse_q = Log(Max(r.b, S<V>(1.0f)));
-      mean = r.c / Max(r.b, S<V>(1.0f));
+      V sum = Max(r.b, S<V>(1.0f));
+      lse_q = Log(sum);
+      mean = r.c / sum;
+      if (inv != nullptr) inv[1] = 1.0f / sum;
     }
     if (mode == kGmc) *value = alpha * (lse_p + m);
     else if (mode == kCadf) *value = -mean - m;
@@ -623,84 +647,62 @@ ffi::Error DemFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t mode, floa
 // pass then only scales each row by its cotangent (ScaleRows).
 ALWAYS_INLINE void DemForwardGrad(const RowTile& t, int64_t mode, float tau, float alpha,
                                   float* scratch, float* value) {
-  float m = RowMax(t);
-  auto zc = [&](int64_t j) { return Max(t.Z(j) - m, kLowest); };
+  struct Keep {
+    float *p, *q;
+    void P(int64_t j, float e) const { p[j] = e; }
+    void Q(int64_t j, float f) const { q[j] = f; }
+  };
   float* out = t.out;
-  float lse_p = 0.f, mean = 0.f, inv_p = 0.f, inv_q = 0.f;
-  float inv_tau = 1.0f / tau;
-  using W = V3<float>;
+  float st[kDemStats], inv[2];
+  DemForward(t, mode, tau, alpha, value, st, Keep{out, mode == kDem ? scratch : out}, inv);
+  float m = st[0], mean = st[3];
+  auto zc = [&](int64_t j) { return Max(t.Z(j) - m, kLowest); };
+  float gp = alpha * inv[0], gq = inv[1] / tau;
   if (mode == kEntropy) {
-    Moments<float> mo = SoftmaxMoments(t, zc, [&](int64_t j, float e) { out[j] = e; });
-    lse_p = mo.lse;
-    mean = mo.mean;
-    *value = lse_p - mean;
-    t.Each([&](int64_t j) { out[j] = out[j] * mo.inv_sum * (mean - zc(j)); });
+    t.Each([&](int64_t j) { out[j] = out[j] * inv[0] * (mean - zc(j)); });
+  } else if (mode == kGmc) {
+    t.Each([&](int64_t j) { out[j] = gp * out[j]; });
+  } else if (mode == kCadf) {
+    t.Each([&](int64_t j) { out[j] = -gq * out[j] * (zc(j) - mean + tau); });
   } else {
-    W r;
-    if (mode == kDem) {
-      r = t.Sum3([&](int64_t j) {
-        float x = zc(j), e = ExpNeg(x), f = ExpNeg(x * inv_tau);
-        out[j] = e;
-        scratch[j] = f;
-        return W{e, f, f * x};
-      });
-    } else if (mode == kCadf) {
-      r = t.Sum3([&](int64_t j) {
-        float x = zc(j), f = ExpNeg(x * inv_tau);
-        out[j] = f;
-        return W{0.0f, f, f * x};
-      });
-    } else {
-      r = t.Sum3([&](int64_t j) {
-        float e = ExpNeg(zc(j));
-        out[j] = e;
-        return W{e, 0.0f, 0.0f};
-      });
-    }
-    if (mode != kCadf) {
-      float sum = Max(r.a, 1.0f);
-      lse_p = Log(sum);
-      inv_p = alpha / sum;
-    }
-    if (mode != kGmc) {
-      float sum = Max(r.b, 1.0f);
-      mean = r.c / sum;
-      inv_q = inv_tau / sum;
-    }
-    if (mode == kGmc) {
-      *value = alpha * (lse_p + m);
-      t.Each([&](int64_t j) { out[j] = inv_p * out[j]; });
-    } else if (mode == kCadf) {
-      *value = -mean - m;
-      t.Each([&](int64_t j) { out[j] = -inv_q * out[j] * (zc(j) - mean + tau); });
-    } else {
-      *value = -mean + alpha * lse_p + (alpha - 1.0f) * m;
-      t.Each([&](int64_t j) {
-        out[j] = inv_p * out[j] - inv_q * scratch[j] * (zc(j) - mean + tau);
-      });
-    }
+    t.Each([&](int64_t j) { out[j] = gp * out[j] - gq * scratch[j] * (zc(j) - mean + tau); });
   }
+}
+
+// The value-and-gradient kernels of rows of C > 32: `row_fn(t, &value[r],
+// scratch)` for each row r, with t.out at its gradient row and a scratch row
+// of `scratch` floats per block.
+template <class RowFn>
+ffi::Error ValueGradRows(ffi::ThreadPool& pool, const ffi::AnyBuffer& z,
+                         ffi::Result<ffi::AnyBuffer>& value, ffi::Result<ffi::AnyBuffer>& grad,
+                         int64_t scratch, RowFn row_fn) {
+  int64_t c;
+  int64_t n = Rows(z, &c);
+  if (n > 0 && c <= kMaxLaneClasses)
+    return ffi::Error::InvalidArgument(
+        "the value-and-gradient kernels take rows of more than 32 classes");
+  const float* zp = z.typed_data<float>();
+  float* vp = value->typed_data<float>();
+  float* gp = grad->typed_data<float>();
+  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(scratch);
+    for (int64_t r = b; r < e; ++r) {
+      RowTile t{c, zp + r * c};
+      t.out = gp + r * c;
+      row_fn(t, vp + r, buf.data());
+    }
+  });
+  return ffi::Error::Success();
 }
 
 ffi::Error DemFwdGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t mode, float tau,
                           float alpha, ffi::Result<ffi::AnyBuffer> value,
                           ffi::Result<ffi::AnyBuffer> grad) {
-  int64_t c;
-  int64_t n = Rows(z, &c);
-  if (n > 0 && c <= kMaxLaneClasses)
-    return ffi::Error::InvalidArgument("DemFwdGrad is for rows of more than 32 classes");
-  const float* zp = z.typed_data<float>();
-  float* vp = value->typed_data<float>();
-  float* gp = grad->typed_data<float>();
-  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
-    std::vector<float> scratch(mode == kDem ? c : 0);
-    for (int64_t r = b; r < e; ++r) {
-      RowTile t{c, zp + r * c};
-      t.out = gp + r * c;
-      DemForwardGrad(t, mode, tau, alpha, scratch.data(), vp + r);
-    }
-  });
-  return ffi::Error::Success();
+  int64_t scratch = mode == kDem ? z.dimensions().back() : 0;
+  return ValueGradRows(pool, z, value, grad, scratch,
+                       [&](const RowTile& t, float* v, float* buf) {
+                         DemForwardGrad(t, mode, tau, alpha, buf, v);
+                       });
 }
 
 // dz[r, :] = g[r] * grad[r, :], in place (dz is grad's buffer).
@@ -1228,24 +1230,12 @@ ffi::Error AdaNormFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t norm,
 ffi::Error AdaNormFwdGradFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t norm,
                              int64_t delta_from_entropy, ffi::Result<ffi::AnyBuffer> value,
                              ffi::Result<ffi::AnyBuffer> grad) {
-  int64_t c;
-  int64_t n = Rows(z, &c);
-  if (n > 0 && c <= kMaxLaneClasses)
-    return ffi::Error::InvalidArgument("AdaNormFwdGrad is for rows of more than 32 classes");
-  const float* zp = z.typed_data<float>();
-  float* vp = value->typed_data<float>();
-  float* gp = grad->typed_data<float>();
-  ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      RowTile t{c, zp + r * c};
-      t.out = gp + r * c;
-      float st[kDemStats], res[kAdaRes];
-      AdaStatsOf(t, norm, delta_from_entropy, t.out, st, nullptr, true);
-      AdaForward(t, st, true, vp + r, res);
-      AdaGradient<true>(t, st, res, 1.0f, [&](int64_t j, float) { return t.out[j]; });
-    }
+  return ValueGradRows(pool, z, value, grad, 0, [&](const RowTile& t, float* v, float*) {
+    float st[kDemStats], res[kAdaRes];
+    AdaStatsOf(t, norm, delta_from_entropy, t.out, st, nullptr, true);
+    AdaForward(t, st, true, v, res);
+    AdaGradient<true>(t, st, res, 1.0f, [&](int64_t j, float) { return t.out[j]; });
   });
-  return ffi::Error::Success();
 }
 
 ffi::Error AdaBwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stats,
