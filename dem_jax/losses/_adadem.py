@@ -428,7 +428,7 @@ def _adadem_fused(z, weights, mec, momentum, norm, delta_from):
 
 
 def _adadem_fused_fwd(z, weights, mec, momentum, norm, delta_from):
-  stats, yhat, new_mec, _, value, res = _kernels.ada_stats_update(
+  stats, yhat, new_mec, value, res = _kernels.ada_stats_update(
       lax.stop_gradient(z), weights, mec, momentum, norm=norm, delta_from=delta_from)
   return (value, new_mec), (z, stats, yhat, new_mec, res)
 
@@ -475,7 +475,7 @@ def _adadem_norm_kernel_fwd(z, norm, delta_from):
   if _kernels.fuses_grad(z):  # many classes: the gradient in the same pass
     value, grad = _kernels.ada_norm_forward_grad(lax.stop_gradient(z), norm=norm,
                                                  delta_from=delta_from)
-    return value, (z, grad)
+    return value, (z, grad)  # z: for the first-order guard only
   value, stats, res = _kernels.ada_norm_forward(lax.stop_gradient(z), norm=norm,
                                                 delta_from=delta_from)
   # No pseudo-labels or MEC table: the GMC backward kernel reads neither.
@@ -485,7 +485,7 @@ def _adadem_norm_kernel_fwd(z, norm, delta_from):
 
 def _adadem_norm_kernel_bwd(norm, delta_from, residuals, g):
   del norm, delta_from
-  if len(residuals) == 2:  # (z, gradient at cotangent 1)
+  if _kernels.fuses_grad(residuals[0]):  # (z, gradient at cotangent 1)
     z, grad = residuals
     return (_first_order_only(_kernels.scale_rows(grad, g), z),)
   return (_adadem_grad(residuals, g, "gmc"),)

@@ -123,16 +123,16 @@ def _decoupled_kernel(z, mode, tau, alpha):
 def _decoupled_kernel_fwd(z, mode, tau, alpha):
   if _kernels.fuses_grad(z):  # the gradient in the same pass, scaled by g later
     value, grad = _kernels.dem_forward_grad(z, mode, tau, alpha)
-    return value, (grad, None)
+    return value, (grad,)
   value, stats = _kernels.dem_forward(z, mode, tau, alpha)
   return value, (z, stats)
 
 
 def _decoupled_kernel_bwd(mode, tau, alpha, res, g):
-  z_or_grad, stats = res
-  if stats is None:
-    return (_kernels.scale_rows(z_or_grad, g),)
-  return (_kernels.dem_backward(z_or_grad, stats, g, mode, tau, alpha),)
+  if _kernels.fuses_grad(res[0]):  # (gradient at cotangent 1,)
+    return (_kernels.scale_rows(res[0], g),)
+  z, stats = res
+  return (_kernels.dem_backward(z, stats, g, mode, tau, alpha),)
 
 
 _decoupled_kernel.defvjp(_decoupled_kernel_fwd, _decoupled_kernel_bwd)

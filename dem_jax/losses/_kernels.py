@@ -254,7 +254,11 @@ MAX_LANE_CLASSES = 32  # kMaxLaneClasses in kernels.cc: 16 examples per vector u
 
 
 def fuses_grad(z) -> bool:
-  """Whether `dem_forward_grad` applies to these `[..., C]` logits (C > 32)."""
+  """Whether `[..., C]` logits take the value-and-gradient kernels (C > 32).
+
+  Also true of the gradient such a kernel kept (the logits' shape), which is
+  how the backward rules tell their residuals apart.
+  """
   return z.shape[-1] > MAX_LANE_CLASSES
 
 
@@ -317,12 +321,12 @@ def ada_stats_update(z, weights, mec, momentum, *, norm, delta_from):
   """`ada_stats` with the MEC update and AdaDEM's value done in the same kernel.
 
   Given the float32 state `mec` and a float `momentum`, returns `(stats, yhat,
-  new_mec, counts, value, res)`, the last two as `ada_forward` gives them with
-  the new state.
+  new_mec, value, res)`, the last two as `ada_forward` gives them with the new
+  state.
   """
   n, c = z.shape[:-1], z.shape[-1]
   outs = (_f32(n + (DEM_STATS,)), jax.ShapeDtypeStruct(n, jnp.int32), _f32((c, c)),
-          _f32((c,)), _f32(n), _f32(n + (ADA_RES,)))
+          _f32(n), _f32(n + (ADA_RES,)))
   # The new state takes the old one's buffer: where the caller donates the
   # state (a training step), it is updated in place, rows of absent classes
   # untouched; otherwise XLA copies it first.

@@ -1165,15 +1165,15 @@ ffi::Error AdaStatsUpdateFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuf
                              ffi::Result<ffi::AnyBuffer> stats,
                              ffi::Result<ffi::AnyBuffer> yhat,
                              ffi::Result<ffi::AnyBuffer> new_mec,
-                             ffi::Result<ffi::AnyBuffer> counts,
                              ffi::Result<ffi::AnyBuffer> value,
                              ffi::Result<ffi::AnyBuffer> res) {
   int64_t c;
   int64_t n = Rows(z, &c);
+  std::vector<float> counts(c);  // the update's per-class weights, used here only
   AdaStatsImpl(pool, z.typed_data<float>(), n, c, norm, delta_from_entropy,
                stats->typed_data<float>(), yhat->typed_data<int32_t>(),
                weights.typed_data<float>(), new_mec->typed_data<float>(),
-               counts->typed_data<float>(), mec.typed_data<float>(), momentum,
+               counts.data(), mec.typed_data<float>(), momentum,
                value->typed_data<float>(), res->typed_data<float>());
   return ffi::Error::Success();
 }
@@ -1311,7 +1311,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaStats, AdaStatsFfi,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaStatsUpdate, AdaStatsUpdateFfi,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
         .Attr<float>("momentum").Attr<int64_t>("norm").Attr<int64_t>("delta_from_entropy")
-        .Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>());
+        .Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaFwd, AdaFwdFfi,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
