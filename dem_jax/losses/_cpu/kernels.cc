@@ -965,6 +965,29 @@ class MecLanes {
   std::vector<float> mec_t_;
 };
 
+// Software prefetch of one row of c floats (a cache line at a time), for a
+// read or for a write. Rows of C = 1000 are about a 4 KiB page each, where
+// the hardware prefetcher stops, and the MEC rows read and the table rows
+// written by pseudo-label come in no order it could follow: prefetching the
+// next example's rows while this one is computed took a 4096 x 1000 value
+// and gradient of AdaDEM from 2.95 to 2.40 ms, of AdaDEM-MEC from 2.77 to
+// 2.48 ms (best of ten runs of 150 calls each).
+inline void PrefetchRow(const float* p, int64_t c, bool write) {
+  for (int64_t j = 0; j < c; j += 16) {
+    if (write) __builtin_prefetch(p + j, 1, 3);
+    else __builtin_prefetch(p + j, 0, 3);
+  }
+}
+
+// Prefetches row r + 1 of the logits and, with a MEC, its MEC row (rows of a
+// block [.., e) that read MEC rows by pseudo-label `yp`).
+inline void PrefetchNextRow(const float* zp, const float* mp, const int32_t* yp, int64_t r,
+                            int64_t e, int64_t c) {
+  if (r + 1 >= e) return;
+  PrefetchRow(zp + (r + 1) * c, c, false);
+  if (mp != nullptr) PrefetchRow(mp + static_cast<int64_t>(yp[r + 1]) * c, c, false);
+}
+
 // Values and backward residuals of every example, with the MEC state `mp`
 // (rows read by pseudo-label) or the GMC; stats [N, 4] carry delta.
 void AdaValues(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c, const float* sp,
@@ -974,6 +997,7 @@ void AdaValues(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c, con
     alignas(64) float tm[kMaxLaneClasses * kLanes];
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
+          PrefetchNextRow(zp, gmc ? nullptr : mp, yp, r, e, c);
           if (!gmc) t.mec_row = mp + static_cast<int64_t>(yp[r]) * c;
           float v, out[kAdaRes];
           AdaForward(t, sp + r * kDemStats, gmc, &v, out);
@@ -1084,14 +1108,22 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
   RunBlocks(pool, plan, n, [&](int64_t i, int64_t b, int64_t e) {
     parts[i] = std::make_unique<ClassSums>(c);
     ClassSums& part = *parts[i];
-    std::vector<float> p(lanes_layout ? 0 : c);
+    // Many classes: each row's p is added to its table row one row later,
+    // while the table row (prefetched for a write when the pseudo-label is
+    // known) comes into cache; p of two rows alternate in `p`.
+    std::vector<float> p(lanes_layout ? 0 : 2 * c);
+    int64_t pending = -1;  // the row whose p waits to be added
     ForRows(b, e, c, zp,
         [&](const RowTile& t, int64_t r) {
+          PrefetchNextRow(zp, nullptr, yp, r, e, c);
           float st[kDemStats], y;
-          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, &y, true);
+          float* pr = p.data() + (r & 1) * c;
+          AdaStatsOf(t, norm, delta_from_entropy, pr, st, &y, true);
           for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
           yp[r] = static_cast<int32_t>(y);
-          part.Add(yp[r], wp[r], p.data());
+          if (pending >= 0) part.Add(yp[pending], wp[pending], p.data() + (pending & 1) * c);
+          PrefetchRow(part.Row(yp[r]), c, true);
+          pending = r;
         },
         [&](const LaneTile& t, int64_t r0, int lanes) {
           v16 pt[kMaxLaneClasses], st[kDemStats], y;
@@ -1107,6 +1139,7 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
             part.Add(yp[r0 + l], wp[r0 + l], rows[l]);
           }
         });
+    if (pending >= 0) part.Add(yp[pending], wp[pending], p.data() + (pending & 1) * c);
   });
   // Per class: the blocks' rows in block order, then the sums (or the update).
   ParallelBlocks(pool, c, c * plan.count, 1, [&](int64_t b, int64_t e) {
@@ -1256,6 +1289,7 @@ ffi::Error AdaBwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stat
     alignas(64) float tile[kMaxLaneClasses * kLanes];
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
+          PrefetchNextRow(zp, gmc ? nullptr : mp, yp, r, e, c);
           if (!gmc) t.mec_row = mp + static_cast<int64_t>(yp[r]) * c;
           t.out = dp + r * c;
           AdaBackward(t, sp + r * kDemStats, gmc, rp + r * kAdaRes, gp[r]);
