@@ -206,6 +206,39 @@ def test_mec_update_is_the_same_to_the_last_bit_on_every_run(shape):
         "the per-block sums of the CPU kernel were added in a run-dependent order")
 
 
+@pytest.mark.parametrize("c", [40, 1000])
+def test_pseudo_label_is_the_first_of_tied_maxima_wherever_they_lie(c):
+  """The kernel's pseudo-label is jnp.argmax's: the first index at the maximum.
+
+  Each row puts its maximum, once or tied, at a different place: the first
+  class, the last ones (the row's partial last vector when C is not a
+  multiple of 16), twice in one vector, across a vector boundary; one row is
+  all -inf but one class, one row is constant. A wrong label moves the MEC sums to another
+  class row, which the new state shows.
+  """
+  rows = []
+  for where in ([0], [c - 1], [c - 2, c - 1], [5, 9], [31, 32], [17, c - 3], [c // 2, 3]):
+    row = np.zeros(c, np.float32)
+    row[where] = 5.0
+    rows.append(row)
+  only = np.full(c, -np.inf, np.float32)
+  only[c - 5] = 1.0
+  rows += [only, np.ones(c, np.float32)]
+  z = jnp.asarray(np.stack(rows))
+  mec = losses.mec_init(c)
+  (_, new_kernel), _ = jax.jit(adadem_objective("AdaDEM", None))(z, mec)
+  with _kernels.disabled():
+    (_, new_pure), _ = jax.jit(adadem_objective("AdaDEM", None))(z, mec)
+  changed_kernel = np.flatnonzero(np.any(np.asarray(new_kernel) != np.asarray(mec), axis=1))
+  changed_pure = np.flatnonzero(np.any(np.asarray(new_pure) != np.asarray(mec), axis=1))
+  want = sorted({0, c - 1, c - 2, 5, 31, 17, 3, c - 5})
+  assert list(changed_pure) == want, (
+      f"the pure-JAX path updated rows {[int(k) for k in changed_pure]}, not {want}")
+  assert list(changed_kernel) == want, (
+      f"C = {c}: the kernel updated MEC rows {[int(k) for k in changed_kernel]}, but the first "
+      f"index at each row's maximum (jnp.argmax) gives rows {want}")
+
+
 @pytest.mark.parametrize("shape", BLOCKED_SHAPES)
 @pytest.mark.parametrize("collapsed", [False, True])
 def test_adadem_kernel_agrees_when_blocks_share_classes(shape, collapsed):

@@ -773,6 +773,23 @@ ffi::Error DemBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer sta
 // The pseudo-label: the first index at the row maximum m (an all-masked row
 // has none and gets 0, as jnp.argmax gives).
 inline float FirstArgmax(const RowTile& t, float m) {
+#if defined(__AVX512F__)
+  // A compare mask per 16 classes and its lowest set bit (a scalar scan of
+  // the block that holds the maximum took 11% of AdaDEM's statistics pass).
+  __m512 mv = _mm512_set1_ps(m);
+  int64_t j = 0;
+  for (; j + kLanes <= t.c; j += kLanes) {
+    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(t.z + j), mv, _CMP_EQ_OQ);
+    if (hit) return static_cast<float>(j + __builtin_ctz(hit));
+  }
+  if (j < t.c) {
+    __mmask16 live = static_cast<__mmask16>((1u << (t.c - j)) - 1u);
+    __mmask16 hit = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, t.z + j), mv,
+                                            _CMP_EQ_OQ);
+    if (hit) return static_cast<float>(j + __builtin_ctz(hit));
+  }
+  return 0.0f;
+#else
   constexpr int64_t kBlock = 64;  // a vectorised test per block, then a scan
   for (int64_t j0 = 0; j0 < t.c; j0 += kBlock) {
     int64_t end = std::min(t.c, j0 + kBlock);
@@ -785,6 +802,7 @@ inline float FirstArgmax(const RowTile& t, float m) {
     }
   }
   return 0.0f;
+#endif
 }
 
 inline v16 FirstArgmax(const LaneTile& t, v16 m) {
