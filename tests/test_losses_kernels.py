@@ -213,8 +213,8 @@ def test_pseudo_label_is_the_first_of_tied_maxima_wherever_they_lie(c):
   Each row puts its maximum, once or tied, at a different place: the first
   class, the last ones (the row's partial last vector when C is not a
   multiple of 16), twice in one vector, across a vector boundary; one row is
-  all -inf but one class, one row is constant. A wrong label moves the MEC sums to another
-  class row, which the new state shows.
+  all -inf but one class, one row is constant. A wrong label moves the MEC
+  sums to another class row, which the new state shows.
   """
   rows = []
   for where in ([0], [c - 1], [c - 2, c - 1], [5, 9], [31, 32], [17, c - 3], [c // 2, 3]):
