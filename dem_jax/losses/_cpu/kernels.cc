@@ -1131,6 +1131,9 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
     // known) comes into cache; p of two rows alternate in `p`.
     std::vector<float> p(lanes_layout ? 0 : 2 * c);
     int64_t pending = -1;  // the row whose p waits to be added
+    auto add_pending = [&]() {
+      if (pending >= 0) part.Add(yp[pending], wp[pending], p.data() + (pending & 1) * c);
+    };
     ForRows(b, e, c, zp,
         [&](const RowTile& t, int64_t r) {
           PrefetchNextRow(zp, nullptr, yp, r, e, c);
@@ -1139,7 +1142,7 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
           AdaStatsOf(t, norm, delta_from_entropy, pr, st, &y, true);
           for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
           yp[r] = static_cast<int32_t>(y);
-          if (pending >= 0) part.Add(yp[pending], wp[pending], p.data() + (pending & 1) * c);
+          add_pending();
           PrefetchRow(part.Row(yp[r]), c, true);
           pending = r;
         },
@@ -1157,7 +1160,7 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
             part.Add(yp[r0 + l], wp[r0 + l], rows[l]);
           }
         });
-    if (pending >= 0) part.Add(yp[pending], wp[pending], p.data() + (pending & 1) * c);
+    add_pending();
   });
   // Per class: the blocks' rows in block order, then the sums (or the update).
   ParallelBlocks(pool, c, c * plan.count, 1, [&](int64_t b, int64_t e) {
