@@ -1,5 +1,6 @@
 """Tests of dem_jax.losses on one device: values, closed-form gradients, masks, errors."""
 
+import contextlib
 import warnings
 
 import chex
@@ -326,16 +327,28 @@ def test_huge_and_masked_class_logits_stay_finite(name):
                                 custom_message=f"{name}: -inf classes must act as absent")
 
 
-def test_pseudo_label_is_first_argmax_with_ties_masks_and_huge_logits():
-  # AdaDEM's pseudo-label is an arithmetic argmax (no select, see _common);
-  # it must agree with jnp.argmax, ties going to the first index.
-  from dem_jax.losses import _common
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "pure-jax"])
+def test_pseudo_label_is_argmax_of_logits_made_in_the_same_jit(kernels):
+  """AdaDEM's pseudo-label is jnp.argmax of the logits (the first on ties),
+  also when the logits are computed inside the jitted function, as a model's
+  are. XLA may then compute them in more than one fusion, and differently:
+  it once turned `z / 3 - max` into a fused multiply-add, and a label trick
+  that needed `z - max` to be exactly 0 at the maximum gave every example of
+  the pure-JAX path a wrong label. With momentum 1 each new MEC row is the
+  mean prediction of the examples labelled with its class."""
+  from dem_jax.losses import _kernels
   z = jnp.array([[0.0, 0.0, 0.0], [1.0, 3.0, 3.0], [-jnp.inf, 2.0, -jnp.inf],
-                 [-jnp.inf] * 3, [1e4, -1e4, 1e4 - 1e-3], [-5.0, -5.0, -4.9]])
-  z = jnp.concatenate([z, jax.random.normal(jax.random.key(0), (50, 3)) * 4])
-  got = _common.first_argmax(_common.shift(z)[0])
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(z, axis=-1)),
-                                err_msg="first_argmax must equal jnp.argmax (first index on ties)")
+                 [1e4, -1e4, 1e4 - 1e-3], [-5.0, -5.0, -4.9]])
+  z = jnp.pad(z, ((0, 0), (0, 30)), constant_values=-jnp.inf)   # C = 33
+  z = jnp.concatenate([z, 4.0 * jax.random.normal(jax.random.key(0), (40, 33))])
+  mec = losses.mec_init(33)
+  with contextlib.nullcontext() if kernels else _kernels.disabled():
+    new_mec = jax.jit(lambda z: losses.adadem(z / 3.0, mec, momentum=1.0)[1])(z)
+  logits = np.asarray(z / 3.0)
+  want = ref_mec_update(mec, jax.nn.softmax(logits), np.argmax(logits, -1), 1.0)
+  np.testing.assert_allclose(
+      np.asarray(new_mec), want, atol=5e-5,   # a wrong label moves a row by > 1e-2
+      err_msg="the MEC rows updated are not those of the examples' argmax classes")
 
 
 def test_adadem_mec_row_is_renormalised_over_live_classes():

@@ -373,11 +373,9 @@ def _adadem_jax_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
     new_mec = mec
     m = jnp.zeros((), jnp.float32)  # unused by the GMC
   else:
-    # The prediction and the probabilities come from the same shifted exp as
-    # the loss: `first_argmax` is `argmax(z)` without XLA CPU's slow (value,
-    # index) reduction.
-    zc, e, inv, _ = stats
-    yhat = _common.first_argmax(zc)
+    # The probabilities come from the same shifted exp as the loss.
+    _, e, inv, _ = stats
+    yhat = _common.first_argmax(lax.stop_gradient(z))
     flat_mask = None if mask is None else mask.reshape(-1)
     new_mec = mec_update(mec, (e * inv).reshape(-1, num_classes), yhat.reshape(-1),
                          momentum=momentum, where=flat_mask, axis_name=axis_name)

@@ -52,7 +52,7 @@ def rewards(logits, *, tau=1.0, alpha=1.0, mec=None, axis: int = -1) -> dict[str
     return -jax.grad(lambda z: jnp.sum(loss(z)))(z)
 
   stats = _adadem.softmax_stats(z)
-  m = mec.astype(jnp.float32)[_common.first_argmax(stats[0])]
+  m = mec.astype(jnp.float32)[_common.first_argmax(z)]
   _, inv_delta, row = _adadem.adadem_parts(stats, m, norm="l1", calibrator="mec",
                                            delta_from="cadf")
   out = {
