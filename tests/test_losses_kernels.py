@@ -122,6 +122,30 @@ def test_adadem_kernel_equals_closed_form(shape, mode, masked):
   assert_paths_agree(adadem_objective(mode, w), z, mec, what=f"{mode} {shape} where={masked}")
 
 
+@pytest.mark.parametrize("c", [33, 48, 161])
+def test_one_example_layout_for_every_last_vector(c):
+  """C > 32 runs 16 classes per vector: a last vector of 1 class (33), none
+  (48, a multiple of 16) and 1 of 11 vectors (161) must give every loss's
+  value, gradient and new MEC state as the closed forms do (C = 40 above has
+  a last vector of 8)."""
+  shape = (19, c)
+  z = logits(shape, seed=c)
+  z = z.at[..., c - 1].set(-jnp.inf)   # the last class masked too
+  w = example_mask(shape)
+  mec = losses.mec_init(c) + 0.02 * jax.random.uniform(jax.random.key(4), (c, c))
+  weights = jnp.linspace(0.5, 1.5, shape[0])
+
+  def everything(z, mec):
+    out = {}
+    for name, loss in DEM_LOSSES.items():
+      out[name] = jax.value_and_grad(lambda z: jnp.sum(loss(z, w) * weights))(z)
+    for mode in ADADEM_MODES:
+      out[mode] = adadem_objective(mode, w)(z / 3.0 if mode == "AdaDEM-V" else z, mec)
+    return out
+
+  assert_paths_agree(everything, z, mec, what=f"every loss, C = {c}")
+
+
 def test_adadem_kernel_with_a_traced_momentum_takes_the_sums_path():
   """A traced momentum cannot go into the kernel's update; the JAX update runs."""
   z, mec = logits((20, 40), seed=3), losses.mec_init(40)

@@ -8,8 +8,8 @@
 // reference and the path used on GPU/TPU and for traced tau/alpha.
 //
 // Rows are processed in one of two layouts, with the loss math written once
-// (templates over the layout):
-//   RowTile  - one example at a time, vectorised across its classes (C > 32);
+// for vectors of 16 floats (templates over the layout):
+//   RowTile  - one example at a time, 16 of its classes per vector (C > 32);
 //   LaneTile - 16 examples at a time, one per vector lane, looping over the
 //              classes of a transposed tile (few classes: pixel-wise
 //              segmentation with C = 19 would waste most of a vector).
@@ -55,16 +55,11 @@ constexpr float kLowest = -std::numeric_limits<float>::max();
 constexpr float kMax = std::numeric_limits<float>::max();
 
 // ---------------------------------------------------------------------------
-// Scalar/vector math written once: V is float or v16.
+// Vector math: V is v16 (16 floats) in both layouts; Sel/Max/Min also take
+// floats.
 // ---------------------------------------------------------------------------
 
 template <class V> struct Traits;
-template <> struct Traits<float> {
-  using I = int32_t;
-  using U = uint32_t;
-  static float Splat(float x) { return x; }
-  static float ToFloat(int32_t x) { return static_cast<float>(x); }
-};
 template <> struct Traits<v16> {
   using I = i16;
   using U = u16;
@@ -84,8 +79,23 @@ template <class V> inline V S(float x) { return Traits<V>::Splat(x); }
 template <class M, class V> inline V Sel(M m, V a, V b) { return m ? a : b; }
 template <class V> inline V Max(V a, V b) { return Sel(a > b, a, b); }
 template <class V> inline V Min(V a, V b) { return Sel(a < b, a, b); }
+#if defined(__AVX512F__)
+// vmaxps/vminps give exactly the selects above (the second operand when
+// either is NaN or both are zeros) in one instruction instead of a compare
+// and a blend.
+inline v16 Max(v16 a, v16 b) { return Bits<v16>(_mm512_max_ps(Bits<__m512>(a), Bits<__m512>(b))); }
+inline v16 Min(v16 a, v16 b) { return Bits<v16>(_mm512_min_ps(Bits<__m512>(a), Bits<__m512>(b))); }
+#endif
 template <class V> inline V Abs(V a) { return Sel(a < S<V>(0.f), -a, a); }
-inline bool Any(float a) { return a != 0.0f; }
+inline float HorizontalSum(v16 a) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(Bits<__m512>(a));
+#else
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += a[l];
+  return s;
+#endif
+}
 inline bool Any(v16 a) {
   bool any = false;
   for (int l = 0; l < kLanes; ++l) any |= a[l] != 0.0f;
@@ -109,6 +119,14 @@ inline V ExpNeg(V x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<V, v16>) {
+    // p * 2^n in one instruction (the same rounding: 2^n is a normal float
+    // for x >= -87) instead of building 2^n and multiplying.
+    __mmask16 live = _mm512_cmp_ps_mask(Bits<__m512>(x), _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+    return Bits<V>(_mm512_maskz_scalef_ps(live, Bits<__m512>(p), Bits<__m512>(n)));
+  }
+#endif
   // 2^n: n sits in t's low mantissa bits; shifting it into the exponent
   // drops the bits of 1.5 * 2^23.
   auto scale = Bits<V>((Bits<U>(t) + 127u) << 23);
@@ -149,74 +167,106 @@ inline V Log(V x) {
 
 template <class V> struct V3 { V a, b, c; };
 
+// One example, 16 classes per vector; per-example values are splats (all
+// lanes equal), so the math below runs unchanged on both layouts. The last
+// vector of a row whose C is not a multiple of 16 loads its missing classes
+// as -inf: they are then masked classes, which add exactly 0 to every sum of
+// this file and get 0 probability (their outputs are not stored).
 struct RowTile {
-  using V = float;
+  using V = v16;
+  static constexpr bool kOneExample = true;
   int64_t c;
   const float* z;
   const float* mec_row = nullptr;  // this example's MEC row, if any
   float* out = nullptr;            // gradient row, if any
+  // Rows of the next example (its logits, its MEC row) to bring into cache
+  // while this one is computed: `Prefetch(j)` asks for their line j.
+  const float* next[2] = {nullptr, nullptr};
 
-  V Z(int64_t j) const { return z[j]; }
-  V M(int64_t j) const { return mec_row[j]; }
-  void Out(int64_t j, V v) const { out[j] = v; }
+  int64_t Vectors() const { return (c + kLanes - 1) / kLanes; }
+  void Prefetch(int64_t j) const {
+    for (const float* row : next)
+      if (row != nullptr) __builtin_prefetch(row + j * kLanes, 0, 3);
+  }
+  // Loads and stores of vector j of a row of c floats (the last vector of
+  // the row: its first c % 16 lanes).
+  V Load(const float* p, int64_t j, float fill = 0.0f) const {
+    int64_t rest = c - j * kLanes;
+#if defined(__AVX512F__)
+    if (rest >= kLanes) return Bits<V>(_mm512_loadu_ps(p + j * kLanes));
+    return Bits<V>(_mm512_mask_loadu_ps(_mm512_set1_ps(fill),
+                                        static_cast<__mmask16>((1u << rest) - 1u),
+                                        p + j * kLanes));
+#else
+    V v = S<V>(fill);
+    std::memcpy(&v, p + j * kLanes, sizeof(float) * std::min<int64_t>(rest, kLanes));
+    return v;
+#endif
+  }
+  void Store(float* p, int64_t j, V v) const {
+    int64_t rest = c - j * kLanes;
+#if defined(__AVX512F__)
+    if (rest >= kLanes) {
+      _mm512_storeu_ps(p + j * kLanes, Bits<__m512>(v));
+    } else {
+      _mm512_mask_storeu_ps(p + j * kLanes, static_cast<__mmask16>((1u << rest) - 1u),
+                            Bits<__m512>(v));
+    }
+#else
+    std::memcpy(p + j * kLanes, &v, sizeof(float) * std::min<int64_t>(rest, kLanes));
+#endif
+  }
+  V Z(int64_t j) const { return Load(z, j, -std::numeric_limits<float>::infinity()); }
+  V M(int64_t j) const { return Load(mec_row, j); }
+  void Out(int64_t j, V v) const { Store(out, j, v); }
 
   template <class F> V Sum(F f) const {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < c; ++j) s += f(j);
-    return s;
+    V s = S<V>(0.0f);
+    for (int64_t j = 0; j < Vectors(); ++j) s += f(j);
+    return S<V>(HorizontalSum(s));
   }
   // Three sums in one pass: f(j) returns a V3.
   template <class F> V3<V> Sum3(F f) const {
-    float a = 0.0f, b = 0.0f, d = 0.0f;
-#pragma omp simd reduction(+ : a, b, d)
-    for (int64_t j = 0; j < c; ++j) {
+    V3<V> s{S<V>(0.0f), S<V>(0.0f), S<V>(0.0f)};
+    for (int64_t j = 0; j < Vectors(); ++j) {
       V3<V> r = f(j);
-      a += r.a;
-      b += r.b;
-      d += r.c;
+      s.a += r.a;
+      s.b += r.b;
+      s.c += r.c;
     }
-    return {a, b, d};
+    return {S<V>(HorizontalSum(s.a)), S<V>(HorizontalSum(s.b)), S<V>(HorizontalSum(s.c))};
   }
   template <class F> V MaxOf(F f) const {
-    float s = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : s)
-    for (int64_t j = 0; j < c; ++j) {
-      float v = f(j);
-      s = v > s ? v : s;
-    }
-    return s;
-  }
-  template <class F> V MinOf(F f) const {
-    float s = std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(min : s)
-    for (int64_t j = 0; j < c; ++j) {
-      float v = f(j);
-      s = v < s ? v : s;
-    }
-    return s;
+    V s = S<V>(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < Vectors(); ++j) s = Max(s, f(j));
+    float m = s[0];
+    for (int l = 1; l < kLanes; ++l) m = Max(m, s[l]);
+    return S<V>(m);
   }
   template <class F> void Each(F f) const {
-#pragma omp simd
-    for (int64_t j = 0; j < c; ++j) f(j);
+    for (int64_t j = 0; j < Vectors(); ++j) f(j);
   }
 };
 
 struct LaneTile {
   using V = v16;
+  static constexpr bool kOneExample = false;
   int64_t c;
   const float* z;              // transposed [c][16]
   const float* mec = nullptr;  // transposed MEC rows [c][16], if any
   float* out = nullptr;        // transposed gradient [c][16], if any
 
-  static V Load(const float* p) {
+  // Loads and stores of class j of a transposed [c][16] tile.
+  static V Load(const float* p, int64_t j) {
     V v;
-    std::memcpy(&v, p, sizeof(v));
+    std::memcpy(&v, p + j * kLanes, sizeof(v));
     return v;
   }
-  V Z(int64_t j) const { return Load(z + j * kLanes); }
-  V M(int64_t j) const { return Load(mec + j * kLanes); }
-  void Out(int64_t j, V v) const { std::memcpy(out + j * kLanes, &v, sizeof(v)); }
+  static void Store(float* p, int64_t j, V v) { std::memcpy(p + j * kLanes, &v, sizeof(v)); }
+  V Z(int64_t j) const { return Load(z, j); }
+  void Prefetch(int64_t) const {}  // tiles are transposed copies, in cache
+  V M(int64_t j) const { return Load(mec, j); }
+  void Out(int64_t j, V v) const { Store(out, j, v); }
 
   template <class F> V Sum(F f) const {
     V s = S<V>(0.0f);
@@ -400,6 +450,14 @@ void ForRows(int64_t begin, int64_t end, int64_t c, const float* z, RowFn row_fn
     LaneTile t{c, tz};
     lane_fn(t, r0, lanes);
   }
+}
+
+// A RowTile's per-example values: k floats <-> k splats (the value of lane 0).
+inline void Splats(const float* src, int k, v16* v) {
+  for (int i = 0; i < k; ++i) v[i] = S<v16>(src[i]);
+}
+inline void Firsts(const v16* v, int k, float* dst) {
+  for (int i = 0; i < k; ++i) dst[i] = v[i][0];
 }
 
 // All `stride` scalars (1, 3 or 4) of a tile's examples at once:
@@ -624,10 +682,10 @@ ffi::Error DemFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t mode, floa
   ParallelBlocks(pool, n, c, kLanes, [&](int64_t b, int64_t e) {
     ForRows(b, e, c, zp,
         [&](const RowTile& t, int64_t r) {
-          float v, s[kDemStats];
+          v16 v, s[kDemStats];
           DemForward(t, mode, tau, alpha, &v, s);
-          vp[r] = v;
-          for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = s[k];
+          Firsts(&v, 1, vp + r);
+          Firsts(s, kDemStats, sp + r * kDemStats);
         },
         [&](const LaneTile& t, int64_t r0, int lanes) {
           v16 v, s[kDemStats];
@@ -647,25 +705,31 @@ ffi::Error DemFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t mode, floa
 // pass then only scales each row by its cotangent (ScaleRows).
 ALWAYS_INLINE void DemForwardGrad(const RowTile& t, int64_t mode, float tau, float alpha,
                                   float* scratch, float* value) {
+  using V = v16;
   struct Keep {
+    const RowTile& t;
     float *p, *q;
-    void P(int64_t j, float e) const { p[j] = e; }
-    void Q(int64_t j, float f) const { q[j] = f; }
+    void P(int64_t j, V e) const { t.Store(p, j, e); }
+    void Q(int64_t j, V f) const { t.Store(q, j, f); }
   };
   float* out = t.out;
-  float st[kDemStats], inv[2];
-  DemForward(t, mode, tau, alpha, value, st, Keep{out, mode == kDem ? scratch : out}, inv);
-  float m = st[0], mean = st[3];
-  auto zc = [&](int64_t j) { return Max(t.Z(j) - m, kLowest); };
-  float gp = alpha * inv[0], gq = inv[1] / tau;
+  V v, st[kDemStats], inv[2];
+  DemForward(t, mode, tau, alpha, &v, st, Keep{t, out, mode == kDem ? scratch : out}, inv);
+  *value = v[0];
+  V m = st[0], mean = st[3];
+  auto zc = [&](int64_t j) { return Max(t.Z(j) - m, S<V>(kLowest)); };
+  auto kept = [&](int64_t j) { return t.Load(out, j); };
+  V gp = alpha * inv[0], gq = inv[1] / tau;
   if (mode == kEntropy) {
-    t.Each([&](int64_t j) { out[j] = out[j] * inv[0] * (mean - zc(j)); });
+    t.Each([&](int64_t j) { t.Out(j, kept(j) * inv[0] * (mean - zc(j))); });
   } else if (mode == kGmc) {
-    t.Each([&](int64_t j) { out[j] = gp * out[j]; });
+    t.Each([&](int64_t j) { t.Out(j, gp * kept(j)); });
   } else if (mode == kCadf) {
-    t.Each([&](int64_t j) { out[j] = -gq * out[j] * (zc(j) - mean + tau); });
+    t.Each([&](int64_t j) { t.Out(j, -gq * kept(j) * (zc(j) - mean + tau)); });
   } else {
-    t.Each([&](int64_t j) { out[j] = gp * out[j] - gq * scratch[j] * (zc(j) - mean + tau); });
+    t.Each([&](int64_t j) {
+      t.Out(j, gp * kept(j) - gq * t.Load(scratch, j) * (zc(j) - mean + tau));
+    });
   }
 }
 
@@ -745,10 +809,10 @@ ffi::Error DemBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer sta
     alignas(64) float tile[kMaxLaneClasses * kLanes];
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
-          float s[kDemStats];
-          for (int k = 0; k < kDemStats; ++k) s[k] = sp[r * kDemStats + k];
+          v16 s[kDemStats];
+          Splats(sp + r * kDemStats, kDemStats, s);
           t.out = dp + r * c;
-          DemBackward(t, mode, tau, alpha, s, gp[r]);
+          DemBackward(t, mode, tau, alpha, s, S<v16>(gp[r]));
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
           v16 s[kDemStats];
@@ -772,7 +836,7 @@ ffi::Error DemBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer sta
 
 // The pseudo-label: the first index at the row maximum m (an all-masked row
 // has none and gets 0, as jnp.argmax gives).
-inline float FirstArgmax(const RowTile& t, float m) {
+inline float FirstArgmaxOf(const RowTile& t, float m) {
 #if defined(__AVX512F__)
   // A compare mask per 16 classes and its lowest set bit (a scalar scan of
   // the block that holds the maximum took 11% of AdaDEM's statistics pass).
@@ -805,6 +869,8 @@ inline float FirstArgmax(const RowTile& t, float m) {
 #endif
 }
 
+inline v16 FirstArgmax(const RowTile& t, v16 m) { return S<v16>(FirstArgmaxOf(t, m[0])); }
+
 inline v16 FirstArgmax(const LaneTile& t, v16 m) {
   float none = static_cast<float>(t.c);
   v16 first = t.MinOf([&](int64_t j) {
@@ -817,52 +883,71 @@ enum Norm : int64_t { kNoNorm = 0, kL1 = 1, kL2 = 2, kLinf = 3 };
 constexpr int64_t kAdaRes = 3;  // (1 / delta, scale, empty) per example
 constexpr float kDeltaFloor = 1e-6f;
 
-// AdaDEM's statistics of the tile's examples: `st` = (max, lse, delta,
-// E_p zc), `yhat` the pseudo-label (first argmax) and `p` (c values of V) the
-// prediction, for the MEC sums. delta is the norm of the CADF reward
-// p (zc - E_p zc + 1) (the EM reward p (zc - E_p zc) for AdaDEM-V); 1 without
-// a norm. One example per call (RowTile) reuses the exponentials of the sum,
-// p = exp(zc) / sum; sixteen (LaneTile, few classes) compute
-// p = exp(zc - lse) again, to the bit what these kernels gave before the
-// reuse (the README's 10-class experiments were run with it).
-// `yhat` == nullptr (AdaDEM-Norm): no pseudo-label. Without `keep_p`, p
-// only as far as delta needs it.
+// Where AdaStatsOf sends the pseudo-label and p: `Label(y)` is called as
+// soon as the label is known (before the exponentials, so that the MEC
+// update's table row can come into cache meanwhile), `P(j, p_j)` with each
+// vector of p. This one drops both.
+struct DropP {
+  template <class V> void Label(V) const {}
+  template <class V> void P(int64_t, V) const {}
+};
+
+// Stores p in a row of c floats or a transposed [c][16] tile.
 template <class T>
-ALWAYS_INLINE void AdaStatsOf(const T& t, int64_t norm, bool delta_from_entropy,
-                              typename T::V* p, typename T::V st[kDemStats],
-                              typename T::V* yhat, bool keep_p) {
+struct StoreP {
+  const T& t;
+  float* p;
+  void Label(typename T::V) const {}
+  void P(int64_t j, typename T::V v) const { t.Store(p, j, v); }
+};
+
+// AdaDEM's statistics of the tile's examples: `st` = (max, lse, delta,
+// E_p zc), `yhat` the pseudo-label (first argmax; nullptr for AdaDEM-Norm,
+// which has none) and p, sent to `sink` (above). delta is the norm of the
+// CADF reward p (zc - E_p zc + 1) (the EM reward p (zc - E_p zc) for
+// AdaDEM-V); 1 without a norm. One example per call (RowTile) keeps the
+// exponentials of the sum in `e` (a row of c floats, which may be where the
+// sink stores p) and reuses them, p = exp(zc) / sum; sixteen (LaneTile, few
+// classes) compute p = exp(zc - lse) again, to the bit what these kernels
+// gave before the reuse (the README's 10-class experiments were run with it).
+template <class T, class Sink>
+ALWAYS_INLINE void AdaStatsOf(const T& t, int64_t norm, bool delta_from_entropy, float* e,
+                              typename T::V st[kDemStats], typename T::V* yhat, Sink sink) {
   using V = typename T::V;
-  constexpr bool kReuse = std::is_same_v<V, float>;
+  constexpr bool kReuse = T::kOneExample;
   V m = RowMax(t);
+  if (yhat != nullptr) {
+    *yhat = FirstArgmax(t, m);
+    sink.Label(*yhat);
+  }
   auto zc = [&](int64_t j) { return Max(t.Z(j) - m, S<V>(kLowest)); };
-  Moments<V> mo = SoftmaxMoments(t, zc, [&](int64_t j, V e) {
-    if constexpr (kReuse) p[j] = e;
+  Moments<V> mo = SoftmaxMoments(t, zc, [&](int64_t j, V ej) {
+    if constexpr (kReuse) t.Store(e, j, ej);
+    t.Prefetch(j);
   });
   V inv = mo.inv_sum, mean = mo.mean, lse = mo.lse;
   auto prob = [&](int64_t j) {
-    if constexpr (kReuse) return p[j] * inv;
+    if constexpr (kReuse) return t.Load(e, j) * inv;
     else return ExpNeg(zc(j) - lse);
   };
   float shift = delta_from_entropy ? 0.0f : 1.0f;
-  auto reward = [&](int64_t j) {  // stores p on the way
+  auto reward = [&](int64_t j) {  // sends p on the way
     V pj = prob(j);
-    p[j] = pj;
+    sink.P(j, pj);
     return pj * (zc(j) - mean + shift);
   };
   V delta = S<V>(1.0f);
   if (norm == kNoNorm) {
-    if (keep_p) t.Each([&](int64_t j) { p[j] = prob(j); });
+    t.Each([&](int64_t j) { sink.P(j, prob(j)); });
   } else if (norm == kL1) {
     delta = t.Sum([&](int64_t j) { return Abs(reward(j)); });
   } else if (norm == kL2) {
     V sq = t.Sum([&](int64_t j) { V x = reward(j); return x * x; });
-    if constexpr (std::is_same_v<V, float>) delta = std::sqrt(sq);
-    else for (int l = 0; l < kLanes; ++l) delta[l] = std::sqrt(sq[l]);
+    for (int l = 0; l < kLanes; ++l) delta[l] = std::sqrt(sq[l]);
   } else if (norm == kLinf) {
     delta = t.MaxOf([&](int64_t j) { return Abs(reward(j)); });
   }
   st[0] = m; st[1] = lse; st[2] = delta; st[3] = mean;
-  if (yhat != nullptr) *yhat = FirstArgmax(t, m);
 }
 
 // Value (T + c . z) / delta and the residuals of the backward pass; c is the
@@ -883,6 +968,7 @@ ALWAYS_INLINE void AdaForward(const T& t, const typename T::V st[kDemStats], boo
     // live = 1 for a class that is not masked (zc > lowest).
     auto live = [&](V x) { return Sel(x > S<V>(kLowest), S<V>(1.0f), S<V>(0.0f)); };
     W a = t.Sum3([&](int64_t j) {
+      t.Prefetch(j);
       V x = zc(j), ml = t.M(j) * live(x);
       return W{ml, ml * x, S<V>(0.0f)};
     });
@@ -911,6 +997,7 @@ ALWAYS_INLINE void AdaGradient(const T& t, const typename T::V st[kDemStats],
   V m = st[0], mean = st[3];
   V gd = g * res[0], scale = res[1], empty = res[2];
   t.Each([&](int64_t j) {
+    t.Prefetch(j);
     V x = Max(t.Z(j) - m, S<V>(kLowest));
     V p = prob(j, x);
     V cadf = p * (x - mean + 1.0f);
@@ -983,27 +1070,21 @@ class MecLanes {
   std::vector<float> mec_t_;
 };
 
-// Software prefetch of one row of c floats (a cache line at a time), for a
-// read or for a write. Rows of C = 1000 are about a 4 KiB page each, where
-// the hardware prefetcher stops, and the MEC rows read and the table rows
-// written by pseudo-label come in no order it could follow: prefetching the
-// next example's rows while this one is computed took a 4096 x 1000 value
-// and gradient of AdaDEM from 2.95 to 2.40 ms, of AdaDEM-MEC from 2.77 to
-// 2.48 ms (best of ten runs of 150 calls each).
-inline void PrefetchRow(const float* p, int64_t c, bool write) {
-  for (int64_t j = 0; j < c; j += 16) {
-    if (write) __builtin_prefetch(p + j, 1, 3);
-    else __builtin_prefetch(p + j, 0, 3);
-  }
-}
-
-// Prefetches row r + 1 of the logits and, with a MEC, its MEC row (rows of a
-// block [.., e) that read MEC rows by pseudo-label `yp`).
-inline void PrefetchNextRow(const float* zp, const float* mp, const int32_t* yp, int64_t r,
-                            int64_t e, int64_t c) {
+// Software prefetch: rows of C = 1000 are about a 4 KiB page each, where the
+// hardware prefetcher stops, and MEC rows are read by pseudo-label, in no
+// order it could follow. Each pass over example r's row (RowTile) asks for
+// one line of row r + 1 (and of its MEC row) per vector it computes
+// (`RowTile::Prefetch`): the next rows arrive while this one is computed,
+// and the requests are spread out (requesting all lines of a row at once,
+// as this file did before, stalled the computation behind them: with the
+// spread requests, and the MEC update's table row requested the same way,
+// a 4096 x 1000 AdaDEM value and gradient went from about 2.05 to 1.8-1.85
+// ms, best of eight alternated runs).
+inline void PrefetchNext(RowTile& t, const float* zp, const float* mp, const int32_t* yp,
+                         int64_t r, int64_t e) {
   if (r + 1 >= e) return;
-  PrefetchRow(zp + (r + 1) * c, c, false);
-  if (mp != nullptr) PrefetchRow(mp + static_cast<int64_t>(yp[r + 1]) * c, c, false);
+  t.next[0] = zp + (r + 1) * t.c;
+  if (mp != nullptr) t.next[1] = mp + static_cast<int64_t>(yp[r + 1]) * t.c;
 }
 
 // Values and backward residuals of every example, with the MEC state `mp`
@@ -1015,12 +1096,13 @@ void AdaValues(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c, con
     alignas(64) float tm[kMaxLaneClasses * kLanes];
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
-          PrefetchNextRow(zp, gmc ? nullptr : mp, yp, r, e, c);
+          PrefetchNext(t, zp, gmc ? nullptr : mp, yp, r, e);
           if (!gmc) t.mec_row = mp + static_cast<int64_t>(yp[r]) * c;
-          float v, out[kAdaRes];
-          AdaForward(t, sp + r * kDemStats, gmc, &v, out);
-          vp[r] = v;
-          for (int k = 0; k < kAdaRes; ++k) rp[r * kAdaRes + k] = out[k];
+          v16 st[kDemStats], v, out[kAdaRes];
+          Splats(sp + r * kDemStats, kDemStats, st);
+          AdaForward(t, st, gmc, &v, out);
+          Firsts(&v, 1, vp + r);
+          Firsts(out, kAdaRes, rp + r * kAdaRes);
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
           if (!gmc) {
@@ -1044,22 +1126,29 @@ constexpr int64_t kSumsBudget = int64_t{64} << 20;
 // block first meets the class, so a block pays only for the classes it has.
 class ClassSums {
  public:
-  explicit ClassSums(int64_t c) : c_(c), table_(Table(c)), counts_(c, 0.0f), seen_(c, 0) {}
+  explicit ClassSums(int64_t c)
+      : c_(c), table_(Table(c)), counts_(c, 0.0f), seen_(c, 0), scratch_(c) {}
   ~ClassSums() { Recycle(std::move(table_), c_); }
   ClassSums(const ClassSums&) = delete;
   ClassSums& operator=(const ClassSums&) = delete;
 
-  // Adds w * p (C floats) to class k's row.
-  void Add(int64_t k, float w, const float* p) {
-    if (w == 0.0f) return;
+  // Where an example of class k with weight w adds w * p (C floats): class
+  // k's row (zeroed when first met), or a scratch row for w = 0 (masked
+  // examples take no part in the update).
+  float* Begin(int64_t k, float w) {
+    if (w == 0.0f) return scratch_.data();
     float* row = table_.get() + k * c_;
     if (!seen_[k]) {
       seen_[k] = 1;
       std::memset(row, 0, sizeof(float) * c_);
     }
+    counts_[k] += w;
+    return row;
+  }
+  void Add(int64_t k, float w, const float* p) {
+    float* row = Begin(k, w);
 #pragma omp simd
     for (int64_t j = 0; j < c_; ++j) row[j] += w * p[j];
-    counts_[k] += w;
   }
   bool Seen(int64_t k) const { return seen_[k] != 0; }
   float* Row(int64_t k) { return table_.get() + k * c_; }
@@ -1100,6 +1189,7 @@ class ClassSums {
   std::unique_ptr<float[]> table_;
   std::vector<float> counts_;
   std::vector<uint8_t> seen_;
+  std::vector<float> scratch_;
 };
 
 // stats [N, 4] (max, lse, delta, E_p zc), yhat [N] (first argmax) and, per
@@ -1126,29 +1216,33 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
   RunBlocks(pool, plan, n, [&](int64_t i, int64_t b, int64_t e) {
     parts[i] = std::make_unique<ClassSums>(c);
     ClassSums& part = *parts[i];
-    // Many classes: each row's p is added to its table row one row later,
-    // while the table row (prefetched for a write when the pseudo-label is
-    // known) comes into cache; p of two rows alternate in `p`.
-    std::vector<float> p(lanes_layout ? 0 : 2 * c);
-    int64_t pending = -1;  // the row whose p waits to be added
-    auto add_pending = [&]() {
-      if (pending >= 0) part.Add(yp[pending], wp[pending], p.data() + (pending & 1) * c);
-    };
+    // Many classes: p goes straight into the table row of the example's
+    // class, whose lines are requested one per vector of the exponentials
+    // (`Prefetch`) once the pseudo-label is known.
+    std::vector<float> exps(lanes_layout ? 0 : c);
     ForRows(b, e, c, zp,
-        [&](const RowTile& t, int64_t r) {
-          PrefetchNextRow(zp, nullptr, yp, r, e, c);
-          float st[kDemStats], y;
-          float* pr = p.data() + (r & 1) * c;
-          AdaStatsOf(t, norm, delta_from_entropy, pr, st, &y, true);
-          for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
-          yp[r] = static_cast<int32_t>(y);
-          add_pending();
-          PrefetchRow(part.Row(yp[r]), c, true);
-          pending = r;
+        [&](RowTile& t, int64_t r) {
+          PrefetchNext(t, zp, nullptr, yp, r, e);
+          struct AddToTable {
+            RowTile& t;
+            ClassSums& part;
+            float w;
+            float* row = nullptr;
+            void Label(v16 y) {
+              row = part.Begin(static_cast<int64_t>(y[0]), w);
+              t.next[1] = row;
+            }
+            void P(int64_t j, v16 p) const { t.Store(row, j, t.Load(row, j) + w * p); }
+          } add{t, part, wp[r]};
+          v16 st[kDemStats], y;
+          AdaStatsOf(t, norm, delta_from_entropy, exps.data(), st, &y, add);
+          Firsts(st, kDemStats, sp + r * kDemStats);
+          yp[r] = static_cast<int32_t>(y[0]);
         },
         [&](const LaneTile& t, int64_t r0, int lanes) {
           v16 pt[kMaxLaneClasses], st[kDemStats], y;
-          AdaStatsOf(t, norm, delta_from_entropy, pt, st, &y, true);
+          AdaStatsOf(t, norm, delta_from_entropy, nullptr, st, &y,
+                     StoreP<LaneTile>{t, reinterpret_cast<float*>(pt)});
           PutLanes(sp, r0, kDemStats, lanes, st);
           // Back to one row per example, so that each is added with vector ops.
           alignas(64) float rows_p[kLanes * kMaxLaneClasses];
@@ -1160,7 +1254,6 @@ void AdaStatsImpl(ffi::ThreadPool& pool, const float* zp, int64_t n, int64_t c,
             part.Add(yp[r0 + l], wp[r0 + l], rows[l]);
           }
         });
-    add_pending();
   });
   // Per class: the blocks' rows in block order, then the sums (or the update).
   ParallelBlocks(pool, c, c * plan.count, 1, [&](int64_t b, int64_t e) {
@@ -1258,16 +1351,16 @@ ffi::Error AdaNormFwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t norm,
     std::vector<float> p(c <= kMaxLaneClasses ? 0 : c);
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
-          float st[kDemStats], v, out[kAdaRes];
-          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, nullptr, false);
+          v16 st[kDemStats], v, out[kAdaRes];
+          AdaStatsOf(t, norm, delta_from_entropy, p.data(), st, nullptr, DropP{});
           AdaForward(t, st, true, &v, out);
-          vp[r] = v;
-          for (int k = 0; k < kDemStats; ++k) sp[r * kDemStats + k] = st[k];
-          for (int k = 0; k < kAdaRes; ++k) rp[r * kAdaRes + k] = out[k];
+          Firsts(&v, 1, vp + r);
+          Firsts(st, kDemStats, sp + r * kDemStats);
+          Firsts(out, kAdaRes, rp + r * kAdaRes);
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
-          v16 pt[kMaxLaneClasses], st[kDemStats], v, out[kAdaRes];
-          AdaStatsOf(t, norm, delta_from_entropy, pt, st, nullptr, false);
+          v16 st[kDemStats], v, out[kAdaRes];
+          AdaStatsOf(t, norm, delta_from_entropy, nullptr, st, nullptr, DropP{});
           AdaForward(t, st, true, &v, out);
           PutLanes(vp, r0, 1, lanes, &v);
           PutLanes(sp, r0, kDemStats, lanes, st);
@@ -1285,10 +1378,11 @@ ffi::Error AdaNormFwdGradFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, int64_t nor
                              int64_t delta_from_entropy, ffi::Result<ffi::AnyBuffer> value,
                              ffi::Result<ffi::AnyBuffer> grad) {
   return ValueGradRows(pool, z, value, grad, 0, [&](const RowTile& t, float* v, float*) {
-    float st[kDemStats], res[kAdaRes];
-    AdaStatsOf(t, norm, delta_from_entropy, t.out, st, nullptr, true);
-    AdaForward(t, st, true, v, res);
-    AdaGradient<true>(t, st, res, 1.0f, [&](int64_t j, float) { return t.out[j]; });
+    v16 st[kDemStats], value, res[kAdaRes];
+    AdaStatsOf(t, norm, delta_from_entropy, t.out, st, nullptr, StoreP<RowTile>{t, t.out});
+    AdaForward(t, st, true, &value, res);
+    *v = value[0];
+    AdaGradient<true>(t, st, res, S<v16>(1.0f), [&](int64_t j, v16) { return t.Load(t.out, j); });
   });
 }
 
@@ -1310,10 +1404,13 @@ ffi::Error AdaBwdFfi(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer stat
     alignas(64) float tile[kMaxLaneClasses * kLanes];
     ForRows(b, e, c, zp,
         [&](RowTile& t, int64_t r) {
-          PrefetchNextRow(zp, gmc ? nullptr : mp, yp, r, e, c);
+          PrefetchNext(t, zp, gmc ? nullptr : mp, yp, r, e);
           if (!gmc) t.mec_row = mp + static_cast<int64_t>(yp[r]) * c;
           t.out = dp + r * c;
-          AdaBackward(t, sp + r * kDemStats, gmc, rp + r * kAdaRes, gp[r]);
+          v16 st[kDemStats], rs[kAdaRes];
+          Splats(sp + r * kDemStats, kDemStats, st);
+          Splats(rp + r * kAdaRes, kAdaRes, rs);
+          AdaBackward(t, st, gmc, rs, S<v16>(gp[r]));
         },
         [&](LaneTile& t, int64_t r0, int lanes) {
           if (!gmc) {
