@@ -146,6 +146,15 @@ def test_one_example_layout_for_every_last_vector(c):
   assert_paths_agree(everything, z, mec, what=f"every loss, C = {c}")
 
 
+def test_a_gradient_of_8_mib_and_more_streamed_around_the_caches_is_the_same():
+  """AdaDEM's backward kernel writes a gradient of >= 8 MiB with non-temporal
+  stores (rows 32-byte aligned, the rest as usual): every row, the first,
+  the last and the partial last vector of each, must hold the closed form."""
+  z, c = logits((2112, 1000), seed=8), 1000   # 8.4 MB of float32
+  mec = losses.mec_init(c) + 0.02 * jax.random.uniform(jax.random.key(9), (c, c))
+  assert_paths_agree(adadem_objective("AdaDEM", None), z, mec, what="AdaDEM, 2112 x 1000")
+
+
 def test_adadem_kernel_with_a_traced_momentum_takes_the_sums_path():
   """A traced momentum cannot go into the kernel's update; the JAX update runs."""
   z, mec = logits((20, 40), seed=3), losses.mec_init(40)
