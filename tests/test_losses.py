@@ -327,6 +327,18 @@ def test_huge_and_masked_class_logits_stay_finite(name):
                                 custom_message=f"{name}: -inf classes must act as absent")
 
 
+def test_pseudo_label_is_first_argmax_with_ties_masks_and_huge_logits():
+  # AdaDEM's pseudo-label must agree with jnp.argmax, ties going to the first
+  # index, for the logits and for shift's zc alike.
+  from dem_jax.losses import _common
+  z = jnp.array([[0.0, 0.0, 0.0], [1.0, 3.0, 3.0], [-jnp.inf, 2.0, -jnp.inf],
+                 [-jnp.inf] * 3, [1e4, -1e4, 1e4 - 1e-3], [-5.0, -5.0, -4.9]])
+  z = jnp.concatenate([z, jax.random.normal(jax.random.key(0), (50, 3)) * 4])
+  for got in (_common.first_argmax(z), _common.first_argmax(_common.shift(z)[0])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(z, axis=-1)),
+                                  err_msg="first_argmax must equal jnp.argmax (first index on ties)")
+
+
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "pure-jax"])
 def test_pseudo_label_is_argmax_of_logits_made_in_the_same_jit(kernels):
   """AdaDEM's pseudo-label is jnp.argmax of the logits (the first on ties),

@@ -375,7 +375,7 @@ def _adadem_jax_path(z, mec, mask, *, momentum, norm, calibrator, delta_from,
   else:
     # The probabilities come from the same shifted exp as the loss.
     _, e, inv, _ = stats
-    yhat = _common.first_argmax(lax.stop_gradient(z))
+    yhat = _common.first_argmax(z)  # integer: no gradient to stop
     flat_mask = None if mask is None else mask.reshape(-1)
     new_mec = mec_update(mec, (e * inv).reshape(-1, num_classes), yhat.reshape(-1),
                          momentum=momentum, where=flat_mask, axis_name=axis_name)

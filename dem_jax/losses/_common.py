@@ -18,7 +18,6 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 
 def check_logits(logits, axis: int, fn: str) -> int:
