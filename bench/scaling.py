@@ -43,8 +43,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dem_jax import models  # noqa: E402
-from dem_jax.adapt import methods  # noqa: E402
-from dem_jax.adapt import protocol  # noqa: E402
+from dem_jax.tasks.tta import methods  # noqa: E402
+from dem_jax.tasks.tta import protocol  # noqa: E402
 from dem_jax.engine import parallel  # noqa: E402
 from dem_jax.engine import train as train_lib  # noqa: E402
 

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from dem_jax import models
-from dem_jax.adapt import methods
-from dem_jax.adapt import protocol
+from dem_jax.tasks.tta import methods
+from dem_jax.tasks.tta import protocol
 from dem_jax.engine import train as train_lib
 
 MODEL_KWARGS = {"cnn": (("hidden", 128), ("width", 32)),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dem_jax import _extras
+
+_extras.require("experiments", __name__)
+
 from typing import Mapping, Sequence
 
 import matplotlib

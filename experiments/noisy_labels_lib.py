@@ -37,7 +37,7 @@ from dem_jax import plots  # noqa: E402
 from dem_jax.data import noise as noise_lib  # noqa: E402
 from dem_jax.data import pipeline  # noqa: E402
 from dem_jax.engine import checkpoint as ckpt_lib  # noqa: E402
-from dem_jax.engine import noisy as noisy_engine  # noqa: E402
+from dem_jax.tasks import noisy as noisy_engine  # noqa: E402
 from dem_jax.engine import parallel  # noqa: E402
 from dem_jax.engine import reporting  # noqa: E402
 from dem_jax.engine import train as train_lib  # noqa: E402

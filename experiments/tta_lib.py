@@ -9,9 +9,9 @@ import numpy as np
 
 from dem_jax import data as data_lib
 from dem_jax import plots
-from dem_jax.adapt import methods
-from dem_jax.adapt import objectives
-from dem_jax.adapt import protocol
+from dem_jax.tasks.tta import methods
+from dem_jax.tasks import objectives
+from dem_jax.tasks.tta import protocol
 from dem_jax.engine import parallel
 from dem_jax.engine import reporting
 from dem_jax.engine import train as train_lib

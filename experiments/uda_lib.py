@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dem_jax import plots
-from dem_jax.adapt import objectives
-from dem_jax.adapt import protocol
-from dem_jax.adapt import uda
+from dem_jax.tasks import objectives
+from dem_jax.tasks.tta import protocol
+from dem_jax.tasks import uda
 from dem_jax.data import domains
 from dem_jax.data.sources import ArrayDataset
 from dem_jax.engine import checkpoint as ckpt_lib

@@ -66,7 +66,7 @@ if [[ ! -x "$venv/bin/python" ]]; then
   run "$python" -m venv "$venv"
 fi
 run "$venv/bin/python" -m pip install --upgrade pip
-run "$venv/bin/python" -m pip install -e '.[tfds]' "jax[cuda12]==$JAX_VERSION"
+run "$venv/bin/python" -m pip install -c requirements.lock -e '.[experiments,tfds]' "jax[cuda12]==$JAX_VERSION"
 # One process drives every local GPU. Without this, jax.distributed inside a Slurm job step
 # (srun) would make this a one-GPU process of a Slurm-sized job.
 echo "export DEM_JAX_NUM_PROCESSES=1"

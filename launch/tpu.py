@@ -4,7 +4,7 @@
         --experiment=tta --config=experiments/configs/cifar10_c.py --workdir=/tmp/dem_run
 
 Steps: create the slice; copy the committed project (`git archive HEAD`) to every worker;
-install it there (a Python 3.11 virtualenv made with uv, `pip install -e '.[tfds]'` and
+install it there (a Python 3.11 virtualenv made with uv, `pip install -c requirements.lock -e '.[experiments,tfds]'` and
 `jax[tpu]` pinned to the project's jax); run the experiment on all workers at once (each
 worker calls `jax.distributed.initialize()`, which needs no arguments on Cloud TPU);
 copy the workdir of worker 0 back; delete the slice, also when a step failed, unless --keep.
@@ -129,8 +129,8 @@ def _steps(args: argparse.Namespace) -> dict[str, list[str]]:
         "python3 -m pip install --user --quiet uv",
         f"~/.local/bin/uv venv --python {args.python} ~/{REMOTE_VENV}",
         f"cd ~/{REMOTE_DIR}",
-        f"~/.local/bin/uv pip install --python ~/{REMOTE_VENV}/bin/python -e '.[tfds]' "
-        f"'jax[tpu]=={JAX_VERSION}'",
+        f"~/.local/bin/uv pip install --python ~/{REMOTE_VENV}/bin/python -c requirements.lock "
+        f"-e '.[experiments,tfds]' 'jax[tpu]=={JAX_VERSION}'",
     ])
     experiment = [f"~/{REMOTE_VENV}/bin/python", "-m", f"experiments.{args.experiment}",
                   f"--config={args.config}", f"--workdir={args.workdir}",

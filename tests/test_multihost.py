@@ -80,8 +80,8 @@ def workload(workdir: str) -> dict:
     import jax
 
     from dem_jax import data
-    from dem_jax.adapt import methods
-    from dem_jax.adapt import protocol
+    from dem_jax.tasks.tta import methods
+    from dem_jax.tasks.tta import protocol
     from dem_jax.engine import train as train_lib
 
     train, test = data.load("digits", "train"), data.load("digits", "test")
@@ -124,7 +124,7 @@ def workload(workdir: str) -> dict:
 
 def uda_workload(model, variables, source, target, flat) -> dict:
     """MinEnt+AdaDEM: 2 steps of 16 source + 16 target examples, then target accuracy."""
-    from dem_jax.adapt import uda
+    from dem_jax.tasks import uda
 
     cfg = uda.UDAConfig(method="minent", loss="adadem")
     runner = uda.Runner(model, cfg, NUM_CLASSES)
@@ -147,7 +147,7 @@ def noisy_workload(workdir: str, variables, flat) -> dict:
     would compile the threefry initialisers once more, a few CPU seconds per process.
     """
     from dem_jax.engine import checkpoint
-    from dem_jax.engine import noisy
+    from dem_jax.tasks import noisy
     from experiments import noisy_labels_lib
     from experiments.configs import noisy_default
 

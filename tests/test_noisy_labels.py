@@ -15,7 +15,7 @@ from dem_jax import data
 from dem_jax import losses
 from dem_jax import models
 from dem_jax.data import noise as noise_lib
-from dem_jax.engine import noisy
+from dem_jax.tasks import noisy
 from dem_jax.engine import parallel
 from dem_jax.engine import reporting
 from dem_jax.engine import train as train_lib

@@ -15,8 +15,8 @@ import optax
 import pytest
 
 from dem_jax import data
-from dem_jax.adapt import methods
-from dem_jax.adapt import protocol
+from dem_jax.tasks.tta import methods
+from dem_jax.tasks.tta import protocol
 from dem_jax.engine import parallel
 from dem_jax.engine import train as train_lib
 

@@ -14,9 +14,9 @@ import pytest
 
 from dem_jax import data
 from dem_jax import losses
-from dem_jax.adapt import methods
-from dem_jax.adapt import objectives
-from dem_jax.adapt import protocol
+from dem_jax.tasks.tta import methods
+from dem_jax.tasks import objectives
+from dem_jax.tasks.tta import protocol
 from dem_jax.engine import parallel
 from dem_jax.engine import partition
 from dem_jax.engine import train as train_lib

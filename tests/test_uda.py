@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dem_jax import losses
-from dem_jax.adapt import objectives
-from dem_jax.adapt import protocol
-from dem_jax.adapt import uda
+from dem_jax.tasks import objectives
+from dem_jax.tasks.tta import protocol
+from dem_jax.tasks import uda
 from experiments import uda_lib
 from experiments.configs import uda_default
 

@@ -9,6 +9,10 @@
   9
 """
 
+from dem_jax import _extras
+
+_extras.require("experiments", __name__)
+
 from dem_jax.data.pipeline import batch_indices, padded_batches
 from dem_jax.data.sources import SOURCES, ArrayDataset, load, read_idx, stratified_split
 

@@ -7,7 +7,12 @@ representation features [N, D]. The classifier is the `nn.Dense` named "head".
 In train mode BatchNorm models update their running statistics:
 `model.apply(variables, x, train=True, mutable=["batch_stats"])`.
 """
-import dataclasses
+
+from dem_jax import _extras
+
+_extras.require("experiments", __name__)
+
+import dataclasses  # noqa: E402
 
 import flax.linen as nn
 

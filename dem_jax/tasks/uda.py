@@ -44,7 +44,7 @@ from jax import lax
 
 from dem_jax import losses
 from dem_jax import models
-from dem_jax.adapt import objectives
+from dem_jax.tasks import objectives
 from dem_jax.engine import distributed
 from dem_jax.engine import parallel
 from dem_jax.engine import partition

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dem_jax import losses
-from dem_jax.adapt import methods
+from dem_jax.tasks.tta import methods
 from dem_jax.engine import checkpoint as ckpt_lib
 from dem_jax.engine import distributed
 from dem_jax.engine import parallel

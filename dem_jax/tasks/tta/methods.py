@@ -34,7 +34,7 @@ from jax import lax
 
 from dem_jax import losses
 from dem_jax import models
-from dem_jax.adapt import objectives
+from dem_jax.tasks import objectives
 from dem_jax.engine import parallel
 from dem_jax.engine import partition
 from dem_jax.engine import train as train_lib

@@ -1,0 +1,1 @@
+"""Test-time adaptation: `methods` (per-device steps) and `protocol` (streams, settings, DEM*, sweeps)."""
