@@ -69,6 +69,7 @@ import time
 import numpy as np
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = (("hidden", 8), ("width", 4))
 NUM_CLASSES = 10
 ATOL, RTOL = 1e-5, 1e-4
@@ -215,13 +216,15 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tmp_path):
     for pid in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    JAX_PLATFORMS="cpu", DEM_JAX_COORDINATOR=f"127.0.0.1:{port}",
-                   DEM_JAX_NUM_PROCESSES="2", DEM_JAX_PROCESS_ID=str(pid))
+                   DEM_JAX_NUM_PROCESSES="2", DEM_JAX_PROCESS_ID=str(pid),
+                   # `experiments` runs from the checkout, not site-packages; a script's
+                   # sys.path starts at its own folder (tests/), so name the root.
+                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
         log = open(tmp_path / f"process{pid}.log", "w+")
         logs.append(log)
         procs.append(subprocess.Popen(
             [sys.executable, __file__, str(shared), str(tmp_path / f"process{pid}.npz")],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(
-                os.path.dirname(os.path.abspath(__file__)))))
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
     try:
         codes = [p.wait(timeout=max(1.0, TIMEOUT_S - (time.time() - start))) for p in procs]
     except subprocess.TimeoutExpired:
