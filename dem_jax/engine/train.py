@@ -168,7 +168,8 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
     """Trains (or resumes, or loads) the source model; returns its variables.
 
     Checkpoints go to `<workdir>/source` after every epoch. A finished run is
-    loaded, not retrained. `devices`: those to train on (default: all, of
+    loaded, not retrained. The step metrics are read from the device every
+    `log.every_steps` steps and logged as per-epoch means. `devices`: those to train on (default: all, of
     every process); with several processes every process draws the same
     global batches and feeds only its rows of each, and all end with the same
     variables.
@@ -208,6 +209,7 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
     if dropped and start < cfg.epochs and reporting.is_writer():
         print(f"[source] {dropped} of {len(train_ds)} training examples are left out of each "
               "epoch (the last partial batch; a different set each epoch, by the reshuffle).")
+    every_steps = log.every_steps if log is not None else 100
     step_fn = parallel.data_parallel(make_train_step(model, tx), backend=backend,
                                      devices=devices, donate_argnums=(0,))
     rep = parallel.replicate(state, parallel.num_local_devices(devices))
@@ -219,13 +221,19 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
             batches = pipeline.batch_indices(len(train_ds), cfg.batch_size,
                                              seed=int(rng.integers(2**31)), remainder="drop")
         sums = {"loss": 0.0, "accuracy": 0.0}
-        for idx in batches:
+        pending = []  # step metrics still on the device
+        for i, idx in enumerate(batches):
             images = augment(train_ds.images[idx], rng, cfg.augment)
             rep, metrics = step_fn(rep, *parallel.shard_batch((images, train_ds.labels[idx]),
                                                               devices))
-            metrics = parallel.unreplicate(metrics)  # pmean'd: equal on every device
-            for k in sums:
-                sums[k] += float(metrics[k]) / len(batches)
+            pending.append(parallel.unreplicate(metrics))  # pmean'd: equal on every device
+            if len(pending) == every_steps or i + 1 == len(batches):
+                # One transfer per `every_steps` steps: reading every step stalls an
+                # accelerator. Summed on the host in step order, as before.
+                for m in jax.device_get(pending):
+                    for k in sums:
+                        sums[k] += float(m[k]) / len(batches)
+                pending = []
         state = parallel.unreplicate(rep)
         ckpt.save(epoch, state, {"epoch": epoch, "config": repr(cfg)})
         if log is not None:
