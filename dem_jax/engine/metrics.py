@@ -25,11 +25,57 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any
 
 from dem_jax.engine import reporting
 
 _AXES = ("epoch", "step")
+
+
+class StepMetrics:
+    """Step metrics kept on the device and read back every `every_steps` steps.
+
+    Reading a metric with `float(...)` after every step makes the host wait for
+    the accelerator each step. Here the step outputs (device scalars) are kept
+    and fetched `every_steps` at a time with one `jax.device_get`; `means()`
+    gives the mean over the epoch's steps, summed on the host in step order in
+    float64: the values of reading every step.
+
+    Example:
+      >>> acc = metrics.StepMetrics(("loss", "accuracy"), len(batches), every_steps=100)
+      >>> for batch in batches:
+      ...     state, m = step(state, batch)
+      ...     acc.add(m)                # no host transfer here but every 100 steps
+      >>> log.write(phase="source", epoch=epoch, **acc.means())
+    """
+
+    def __init__(self, names, num_steps: int, *, every_steps: int = 100):
+        if every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1, got {every_steps}.")
+        self.num_steps = num_steps
+        self.every_steps = every_steps
+        self._sums = {k: 0.0 for k in names}
+        self._pending: list = []
+
+    def add(self, step_metrics: dict) -> None:
+        self._pending.append(step_metrics)
+        if len(self._pending) >= self.every_steps:
+            self._flush()
+
+    def _flush(self) -> None:
+        import jax
+        if not self._pending:
+            return
+        for m in jax.device_get(self._pending):
+            for k in self._sums:
+                self._sums[k] += float(m[k]) / self.num_steps
+        self._pending = []
+
+    def means(self) -> dict[str, float]:
+        """{name: mean over the steps added} (the last pending ones read now)."""
+        self._flush()
+        return dict(self._sums)
 
 
 def default_config():
@@ -68,7 +114,10 @@ class TensorBoard:
 
     def __init__(self, directory: str):
         from tensorboardX import SummaryWriter  # the 'experiments' extra (dem_jax._extras)
-        self._writer = SummaryWriter(logdir=directory, flush_secs=30)
+        # A unique file per writer: a resumed run started within the same second
+        # would otherwise get the same name and replace the first run's file.
+        self._writer = SummaryWriter(logdir=directory, flush_secs=30,
+                                     filename_suffix=f".{os.getpid()}.{time.time_ns()}")
 
     def write(self, record: dict) -> None:
         prefix, x, values = scalars(record)

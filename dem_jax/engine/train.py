@@ -27,6 +27,7 @@ from jax import lax
 from dem_jax import models
 from dem_jax.data import pipeline
 from dem_jax.engine import checkpoint as ckpt_lib
+from dem_jax.engine import metrics as metrics_lib
 from dem_jax.engine import parallel
 from dem_jax.engine import reporting
 
@@ -169,10 +170,10 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
 
     Checkpoints go to `<workdir>/source` after every epoch. A finished run is
     loaded, not retrained. The step metrics are read from the device every
-    `log.every_steps` steps and logged as per-epoch means. `devices`: those to train on (default: all, of
-    every process); with several processes every process draws the same
-    global batches and feeds only its rows of each, and all end with the same
-    variables.
+    `log.every_steps` steps and logged as per-epoch means. `devices`: those to
+    train on (default: all, of every process); with several processes every
+    process draws the same global batches and feeds only its rows of each, and
+    all end with the same variables.
 
     Returns:
       {"params": ..., "batch_stats": ...} as host arrays.
@@ -220,20 +221,15 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
             warnings.simplefilter("ignore")
             batches = pipeline.batch_indices(len(train_ds), cfg.batch_size,
                                              seed=int(rng.integers(2**31)), remainder="drop")
-        sums = {"loss": 0.0, "accuracy": 0.0}
-        pending = []  # step metrics still on the device
-        for i, idx in enumerate(batches):
+        # Step metrics stay on the device, read every `every_steps` steps.
+        epoch_metrics = metrics_lib.StepMetrics(("loss", "accuracy"), len(batches),
+                                                every_steps=every_steps)
+        for idx in batches:
             images = augment(train_ds.images[idx], rng, cfg.augment)
             rep, metrics = step_fn(rep, *parallel.shard_batch((images, train_ds.labels[idx]),
                                                               devices))
-            pending.append(parallel.unreplicate(metrics))  # pmean'd: equal on every device
-            if len(pending) == every_steps or i + 1 == len(batches):
-                # One transfer per `every_steps` steps: reading every step stalls an
-                # accelerator. Summed on the host in step order, as before.
-                for m in jax.device_get(pending):
-                    for k in sums:
-                        sums[k] += float(m[k]) / len(batches)
-                pending = []
+            epoch_metrics.add(parallel.unreplicate(metrics))  # pmean'd: equal on every device
+        sums = epoch_metrics.means()
         state = parallel.unreplicate(rep)
         ckpt.save(epoch, state, {"epoch": epoch, "config": repr(cfg)})
         if log is not None:
