@@ -6,8 +6,6 @@ undisturbed run; nothing corrupt is used."""
 import glob
 import os
 
-import pytest
-
 from experiments import tta_lib
 from tests.test_tta_experiment import tiny_config
 

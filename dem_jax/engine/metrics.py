@@ -142,7 +142,6 @@ class WandB:
                 "--config.logging.wandb=True needs the wandb package, which dem_jax does not "
                 "install: pip install wandb (then `wandb login`), or leave logging.wandb "
                 "False.") from None
-        self._wandb = wandb
         self._run = wandb.init(project=project, entity=entity or None, dir=directory,
                                config=config, name=name, id=run_id, resume="allow")
 
