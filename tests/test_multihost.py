@@ -175,6 +175,9 @@ def noisy_workload(workdir: str, variables, flat) -> dict:
     return out
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,7 +218,9 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tmp_path):
     for pid in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    JAX_PLATFORMS="cpu", DEM_JAX_COORDINATOR=f"127.0.0.1:{port}",
-                   DEM_JAX_NUM_PROCESSES="2", DEM_JAX_PROCESS_ID=str(pid))
+                   DEM_JAX_NUM_PROCESSES="2", DEM_JAX_PROCESS_ID=str(pid),
+                   # `experiments` runs from the checkout (it is not installed).
+                   PYTHONPATH=os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
         log = open(tmp_path / f"process{pid}.log", "w+")
         logs.append(log)
         procs.append(subprocess.Popen(
