@@ -40,7 +40,10 @@ from dem_jax.engine import checkpoint as ckpt_lib  # noqa: E402
 from dem_jax.tasks import noisy as noisy_engine  # noqa: E402
 from dem_jax.engine import parallel  # noqa: E402
 from dem_jax.engine import reporting  # noqa: E402
+from dem_jax.engine import metrics  # noqa: E402
 from dem_jax.engine import train as train_lib  # noqa: E402
+from experiments import cli  # noqa: E402
+from experiments import specs  # noqa: E402
 
 _COMPILED: dict = {}  # see Experiment.__init__
 
@@ -79,6 +82,7 @@ MAPPING_OF_DATA = {"digits": "mnist", "mnist": "mnist", "fashion_mnist": "fashio
 
 def validate(config, devices=None) -> None:
     """Clear errors for a bad configuration, before any work starts."""
+    cli.check_config(config, specs.NOISY)
     if not config.losses:
         raise ValueError("config.losses is empty: give at least one loss, e.g. ('ce',).")
     for loss in config.losses:
@@ -140,7 +144,7 @@ class Experiment:
         self.devices = parallel.participating(devices)  # default: all, of every process
         self.n_dev = parallel.num_devices(self.devices)
         self.n_local = parallel.num_local_devices(self.devices)
-        self.log = reporting.MetricsLog(workdir)
+        self.log = metrics.open_log(workdir, config)
         data_dir = config.data_dir or None
         self.train = data_lib.load(config.data, "train", data_dir=data_dir)
         self.test = data_lib.load(config.data, "test", data_dir=data_dir)

@@ -31,9 +31,7 @@ from experiments import cli
 
 FLAGS = flags.FLAGS
 _HERE = os.path.dirname(os.path.abspath(__file__))
-cli.define_config(os.path.join(_HERE, "configs", "default.py"))
-flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
-distributed.define_flags()
+cli.define_flags(os.path.join(_HERE, "configs", "default.py"))  # --config, --workdir, hosts
 
 
 def main(argv):
@@ -45,7 +43,7 @@ def main(argv):
     distributed.initialize_from_flags()  # before any JAX work
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from experiments import tta_lib  # after flag parsing: JAX starts here
-    tta_lib.run(FLAGS.config, FLAGS.workdir)
+    cli.run(tta_lib, FLAGS.config, FLAGS.workdir)  # clear errors, no traceback
 
 
 if __name__ == "__main__":

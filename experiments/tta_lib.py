@@ -14,7 +14,10 @@ from dem_jax.tasks import objectives
 from dem_jax.tasks.tta import protocol
 from dem_jax.engine import parallel
 from dem_jax.engine import reporting
+from dem_jax.engine import metrics
 from dem_jax.engine import train as train_lib
+from experiments import cli
+from experiments import specs
 
 BASELINES = {"noadapt": ("noadapt", "em"), "bn": ("bn", "em")}
 FILTER_METHODS = ("eta", "eata", "sar")
@@ -47,6 +50,7 @@ def parse_row(row: str) -> tuple[str, str]:
 
 def validate(config) -> None:
     """Clear errors for a bad configuration, before any work starts."""
+    cli.check_config(config, specs.TTA)
     for row in config.rows:
         parse_row(row)
     for s in config.settings:
@@ -116,7 +120,7 @@ class Experiment:
     def __init__(self, config, workdir: str):
         self.config = config
         self.workdir = workdir
-        self.log = reporting.MetricsLog(workdir)
+        self.log = metrics.open_log(workdir, config)
         data_dir = config.data_dir or None
         self.train = data_lib.load(config.data, "train", data_dir=data_dir)
         self.test = data_lib.load(config.data, "test", data_dir=data_dir)
@@ -135,6 +139,8 @@ class Experiment:
             weight_decay=src.weight_decay, augment=src.augment, seed=src.seed)
         self.variables = train_lib.train_source(self.train, self.test, self.source_cfg,
                                                 workdir, backend=config.backend, log=self.log)
+        # Cached units hold for this source model only (retrained after a corrupt checkpoint).
+        reporting.derived_from(self.path(), source_model=reporting.fingerprint(self.variables))
         self.model = train_lib.build_model(config.model, self.num_classes,
                                            self.source_cfg.model_kwargs)
         self.source_accuracy = train_lib.evaluate(self.model, self.variables, self.test,

@@ -41,7 +41,10 @@ from dem_jax.data.sources import ArrayDataset
 from dem_jax.engine import checkpoint as ckpt_lib
 from dem_jax.engine import parallel
 from dem_jax.engine import reporting
+from dem_jax.engine import metrics
 from dem_jax.engine import train as train_lib
+from experiments import cli
+from experiments import specs
 
 NO_LOSS = ("source_only", "dann")
 
@@ -75,6 +78,7 @@ def slug(name: str) -> str:
 
 def validate(config, devices=None) -> None:
     """Clear errors for a bad configuration, before any work starts."""
+    cli.check_config(config, specs.UDA)
     if not config.pairs:
         raise ValueError("config.pairs is empty: give at least one domain pair.")
     for pair in config.pairs:
@@ -163,6 +167,9 @@ class PairExperiment:
         self.variables = train_lib.train_source(
             self.source.train, self.source.test, self.source_cfg, self.dir,
             backend=config.backend, log=log, devices=devices)
+        # Cached units hold for this source model only (retrained after a corrupt checkpoint).
+        reporting.derived_from(os.path.join(self.dir, "units"),
+                               source_model=reporting.fingerprint(self.variables))
         self.model = train_lib.build_model(config.model, self.num_classes,
                                            self.source_cfg.model_kwargs)
         self.labelled, self.scored = split_target(self.target.test, config.dem_star.fraction)
@@ -275,7 +282,7 @@ def run_pair(exp: PairExperiment) -> dict:
         if star:
             if method not in searches:
                 searches[method] = reporting.cached(
-                    os.path.join(exp.dir, f"dem_star_{method}.json"),
+                    os.path.join(exp.dir, "units", f"dem_star_{method}.json"),
                     lambda: dem_star_search(exp, method))
             hyper = searches[method]
         units.setdefault(row, {})[seed] = reporting.cached(
@@ -366,7 +373,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
     """Runs (or resumes) the whole experiment; returns the results dict."""
     validate(config, devices)
     confirm = reporting.claim_workdir(workdir, config)
-    log = reporting.MetricsLog(workdir)
+    log = metrics.open_log(workdir, config)
     raw = {}
     for pair in config.pairs:
         exp = PairExperiment(config, workdir, pair, devices=devices, log=log)

@@ -1,11 +1,18 @@
-"""The experiments' `--config` flag: misspelt and mistyped overrides get clear errors."""
+"""The experiments' flags and config checks: misspelt, mistyped and out-of-range values, a
+missing config file and a bad work directory get clear errors before any work; --help."""
 
 import os
+import re
 import subprocess
 import sys
 
+import pytest
+
+from dem_jax.engine import reporting
 from experiments import cli
+from experiments import specs
 from experiments.configs import default
+from experiments.configs import noisy_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +62,94 @@ def test_entry_point_stops_on_a_tuple_of_the_wrong_type(tmp_path):
     assert run.stderr.strip().endswith(
         "error: --config.seeds: expected a tuple of numbers like (0, 1, 2), got ('abc',)."), \
         run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lr_grid", (-0.1, 1.0), "config.lr_grid must hold numbers > 0 only, got -0.1 in (-0.1, 1.0)."),
+    ("lr_grid", (), "config.lr_grid is empty: give at least one number."),
+    ("seeds", (0.5,), "config.seeds must hold ints >= 0 only, got 0.5 in (0.5,)."),
+    ("seeds", (-1,), "config.seeds must hold ints >= 0 only, got -1 in (-1,)."),
+    ("rows", ("em", 3), "config.rows must hold strings only, got 3 in ('em', 3)."),
+    ("severity", 6, "config.severity must be in [1, 5], got 6."),
+    ("corruption_seed", -3, "config.corruption_seed must be >= 0, got -3."),
+    ("source.learning_rate", float("nan"), "config.source.learning_rate must be > 0, got nan."),
+    ("dem_star.fraction", 1.0, "config.dem_star.fraction must be in (0, 1), got 1.0."),
+    ("learning_rates.em", 0.0, "config.learning_rates.em must be > 0, got 0.0."),
+    ("mec_momentum", 0.0, "config.mec_momentum must be in (0, 1], got 0.0."),
+])
+def test_each_bad_value_is_named_by_the_spec(field, value, message):
+    config = default.get_config()
+    with config.unlocked():
+        node = config
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    assert cli.config_errors(config, specs.TTA) == [message]
+    with pytest.raises(cli.ConfigError, match=re.escape(message)):
+        cli.check_config(config, specs.TTA)
+
+
+EXPERIMENTS = {"tta": ("default.py", specs.TTA), "uda": ("uda_default.py", specs.UDA),
+               "noisy_labels": ("noisy_default.py", specs.NOISY)}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_numeric_and_tuple_field_of_every_config_file_has_a_rule(name):
+    default_file, spec = EXPERIMENTS[name]
+    files = cli.config_files(os.path.join(ROOT, "experiments", "configs", default_file))
+    assert len(files) >= 2, files  # the default and at least one named config
+    for path in files:
+        config = cli.load_config_file(path)
+        for field, value in cli._flat(config).items():
+            if isinstance(value, (int, float, tuple)) and not isinstance(value, bool):
+                assert cli.spec_rule(spec, field) is not None, \
+                    f"{os.path.basename(path)}: config.{field} has no rule in specs"
+        assert cli.config_errors(config, spec) == [], path
+
+
+def test_a_missing_config_file_lists_the_experiments_config_files():
+    with pytest.raises(SystemExit) as e:
+        cli.define_config(os.path.join(ROOT, "experiments", "configs", "uda_default.py"),
+                          argv=["uda", "--config=experiments/configs/uda_mnsit_m.py"])
+    assert str(e.value).startswith("error: --config=experiments/configs/uda_mnsit_m.py: no "
+                                   "such file."), e.value
+    assert "uda_mnist_m.py" in str(e.value) and "noisy" not in str(e.value), e.value
+
+
+def test_run_prints_config_and_workdir_errors_as_one_paragraph(tmp_path):
+    class Lib:
+        validate = staticmethod(lambda config: cli.check_config(config, specs.NOISY))
+        run = staticmethod(lambda config, workdir: reporting.claim_workdir(workdir, config))
+
+    config = noisy_default.get_config()
+    config.lam = -1.0
+    with pytest.raises(SystemExit, match=r"^error: config.lam must be >= 0, got -1.0.$"):
+        cli.run(Lib, config, str(tmp_path / "work"))
+    config.lam = 0.3
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --workdir=.*afile is a file"):
+        cli.run(Lib, config, str(tmp_path / "afile"))
+
+
+@pytest.mark.parametrize("field,value", [("lr_grid", (-0.1, 1.0)), ("lr_grid", ()),
+                                         ("seeds", (0.5,))])
+def test_a_bad_value_stops_the_run_before_the_workdir_is_touched(tmp_path, field, value):
+    from experiments import tta_lib
+    config = default.get_config()
+    setattr(config, field, value)
+    with pytest.raises(cli.ConfigError, match=f"config.{field}"):
+        tta_lib.run(config, str(tmp_path / "work"))
+    assert not (tmp_path / "work").exists(), "a bad config must not stamp the work directory"
+
+
+def test_help_shows_every_flag_and_the_config_files():
+    run = subprocess.run([sys.executable, "-m", "experiments.noisy_labels", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    text = " ".join((run.stdout + run.stderr).split())  # absl wraps the help text
+    for flag in ("--config:", "--workdir:", "--coordinator_address:", "--num_processes:",
+                 "--process_id:"):
+        assert flag in text, f"{flag} missing from --help:\n{run.stdout[-3000:]}"
+    assert "experiments/configs/noisy_default.py" in text
+    assert "experiments/configs/noisy_fashion_mnist.py" in text
+    assert "uda_default.py" not in text

@@ -176,6 +176,7 @@ def noisy_workload(workdir: str, variables, flat) -> dict:
     return out
 
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,6 +27,7 @@ from jax import lax
 from dem_jax import models
 from dem_jax.data import pipeline
 from dem_jax.engine import checkpoint as ckpt_lib
+from dem_jax.engine import metrics as metrics_lib
 from dem_jax.engine import parallel
 from dem_jax.engine import reporting
 
@@ -168,10 +169,11 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
     """Trains (or resumes, or loads) the source model; returns its variables.
 
     Checkpoints go to `<workdir>/source` after every epoch. A finished run is
-    loaded, not retrained. `devices`: those to train on (default: all, of
-    every process); with several processes every process draws the same
-    global batches and feeds only its rows of each, and all end with the same
-    variables.
+    loaded, not retrained. The step metrics are read from the device every
+    `log.every_steps` steps and logged as per-epoch means. `devices`: those to
+    train on (default: all, of every process); with several processes every
+    process draws the same global batches and feeds only its rows of each, and
+    all end with the same variables.
 
     Returns:
       {"params": ..., "batch_stats": ...} as host arrays.
@@ -208,6 +210,7 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
     if dropped and start < cfg.epochs and reporting.is_writer():
         print(f"[source] {dropped} of {len(train_ds)} training examples are left out of each "
               "epoch (the last partial batch; a different set each epoch, by the reshuffle).")
+    every_steps = log.every_steps if log is not None else 100
     step_fn = parallel.data_parallel(make_train_step(model, tx), backend=backend,
                                      devices=devices, donate_argnums=(0,))
     rep = parallel.replicate(state, parallel.num_local_devices(devices))
@@ -218,14 +221,15 @@ def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
             warnings.simplefilter("ignore")
             batches = pipeline.batch_indices(len(train_ds), cfg.batch_size,
                                              seed=int(rng.integers(2**31)), remainder="drop")
-        sums = {"loss": 0.0, "accuracy": 0.0}
+        # Step metrics stay on the device, read every `every_steps` steps.
+        epoch_metrics = metrics_lib.StepMetrics(("loss", "accuracy"), len(batches),
+                                                every_steps=every_steps)
         for idx in batches:
             images = augment(train_ds.images[idx], rng, cfg.augment)
             rep, metrics = step_fn(rep, *parallel.shard_batch((images, train_ds.labels[idx]),
                                                               devices))
-            metrics = parallel.unreplicate(metrics)  # pmean'd: equal on every device
-            for k in sums:
-                sums[k] += float(metrics[k]) / len(batches)
+            epoch_metrics.add(parallel.unreplicate(metrics))  # pmean'd: equal on every device
+        sums = epoch_metrics.means()
         state = parallel.unreplicate(rep)
         ckpt.save(epoch, state, {"epoch": epoch, "config": repr(cfg)})
         if log is not None:

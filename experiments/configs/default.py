@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from dem_jax.data import CORRUPTIONS
+from dem_jax.engine import metrics
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -66,4 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Orbax checkpoint of the adapted state after every continual domain (a digits
     # unit takes about a second, so the default restarts an interrupted unit instead).
     c.checkpoint_continual = False
+    # TensorBoard event files (on), Weights & Biases (off), how often step metrics
+    # leave the device: see dem_jax.engine.metrics. Not part of the run's identity.
+    c.logging = metrics.default_config()
     return c

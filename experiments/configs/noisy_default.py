@@ -24,6 +24,8 @@ other. AdaDEM's gradient is never larger than EM's reward-normalised one
 
 import ml_collections
 
+from dem_jax.engine import metrics
+
 # Every setting the experiment supports: symmetric 20/40/60/80%, asymmetric 40%.
 ALL_NOISE = ("symmetric:0.2", "symmetric:0.4", "symmetric:0.6", "symmetric:0.8",
              "asymmetric:0.4")
@@ -71,4 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 10               # epochs (and always after the last one)
 
     c.plot_losses = ("ce", "ce+adadem")   # the memorisation plot's lines
+    # TensorBoard event files (on), Weights & Biases (off), how often step metrics
+    # leave the device: see dem_jax.engine.metrics. Not part of the run's identity.
+    c.logging = metrics.default_config()
     return c

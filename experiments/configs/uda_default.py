@@ -7,6 +7,8 @@ blended with photo crops from scikit-image (MNIST-M style, `data.domains`).
 
 import ml_collections
 
+from dem_jax.engine import metrics
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -57,4 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dem_star = ml_collections.ConfigDict(dict(
         fraction=0.2, tau_step=0.5, alpha_step=0.5, tau_max=2.0, alpha_max=2.0,
         search_seed=0, grid_chunk=1))
+    # TensorBoard event files (on), Weights & Biases (off), how often step metrics
+    # leave the device: see dem_jax.engine.metrics. Not part of the run's identity.
+    c.logging = metrics.default_config()
     return c

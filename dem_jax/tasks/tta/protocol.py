@@ -178,9 +178,8 @@ def run_domains(runner: Runner, make_state: Callable[[], Any], domains: Sequence
     if ckpt is not None and ckpt.latest_step() is not None:
         state, result = ckpt.restore(state)
         first = ckpt.latest_step() + 1
-    elif ckpt is None and progress_json and os.path.exists(progress_json):
-        result = reporting.read_json(progress_json)
-        first = len(result["accuracy"])
+    elif ckpt is None and progress_json and (saved := reporting.load_checked(progress_json)):
+        result, first = saved, len(saved["accuracy"])
     for i in reporting.progress(range(first, len(domains)), desc=desc, total=len(domains),
                                 initial=first):
         domain = domains[i]
@@ -201,7 +200,7 @@ def run_domains(runner: Runner, make_state: Callable[[], Any], domains: Sequence
         if ckpt is not None:
             ckpt.save(i, state, result)
         elif progress_json:
-            reporting.write_json(progress_json, result)
+            reporting.save_checked(progress_json, result)
     if ckpt is not None:
         ckpt.close()
     return result
