@@ -508,6 +508,11 @@ def test_dem_valid_region_and_warning():
     (lambda: losses.entropy(jnp.zeros((2, 1))), ValueError, "at least 2 classes"),
     (lambda: losses.dem(jnp.zeros((2, 3)), axis=2), ValueError, "out of range"),
     (lambda: losses.cadf(jnp.zeros((2, 3)), where=jnp.ones(3, bool)), ValueError, "shape"),
+    (lambda: losses.entropy(jnp.zeros((2, 3)), where=jnp.ones((3, 2), bool)), ValueError,
+     r"per-example shape \(2,\) .* or the logits' shape \(2, 3\)"),
+    (lambda: losses.generalized_cross_entropy(jnp.zeros((2, 3)), jnp.zeros(2, int),
+                                              where=jnp.ones((2, 3), bool)),
+     ValueError, r"per-example shape \(2,\)"),
     (lambda: losses.gmc(jnp.zeros((2, 3)), where=jnp.ones(2)), TypeError, "boolean"),
     (lambda: losses.cadf(jnp.zeros((2, 3)), tau=0.0), ValueError, "tau must be > 0"),
     (lambda: losses.dem(jnp.zeros((2, 3)), tau=-1.0), ValueError, "tau must be > 0"),
@@ -547,3 +552,14 @@ def test_marginal_entropy_value_and_mask():
   chex.assert_trees_all_close(losses.marginal_entropy(z, where=mask),
                               losses.marginal_entropy(z[:2]), atol=1e-6)
   assert float(losses.marginal_entropy(z, where=jnp.zeros(3, bool))) == 0.0
+
+
+def test_a_class_mask_follows_the_class_axis():
+  """A logits-shaped `where` moves with `axis`, as the logits do."""
+  z = jax.random.normal(jax.random.key(0), (6, 5))
+  keep = (jnp.arange(30).reshape(6, 5) % 3 != 1).at[:, 0].set(True)
+  for loss in (losses.entropy, losses.marginal_entropy):
+    three = jax.jit(lambda z: (loss(z.T, axis=0, where=keep.T), loss(z, where=keep),
+                               loss(jnp.where(keep, z, -jnp.inf))))(z)
+    np.testing.assert_allclose(three[0], three[1], rtol=1e-6)
+    np.testing.assert_allclose(three[1], three[2], rtol=1e-6)

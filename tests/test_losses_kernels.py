@@ -7,6 +7,7 @@ C > 32; 16 examples per vector, few classes), with masks, masked (-inf)
 classes, huge logits and low-precision inputs.
 """
 
+import contextlib
 import os
 
 import chex
@@ -49,11 +50,14 @@ def test_kernels_are_built_where_ci_runs():
 
 
 def test_switching_off_really_takes_the_pure_jax_path():
+  # Settled first: before any CPU lowering, a program holds both paths and
+  # lets its CPU lowering (which builds the kernels) choose.
+  available = _kernels.available()
   z = jnp.ones((4, 5))
   text = jax.jit(losses.entropy).lower(z).as_text()
   with _kernels.disabled():
     pure = jax.jit(lambda z: losses.entropy(z)).lower(z).as_text()
-  assert ("dem_jax_DemFwd" in text) == _kernels.available()
+  assert ("dem_jax_DemFwd" in text) == available
   assert "dem_jax_DemFwd" not in pure
 
 
@@ -122,6 +126,18 @@ def test_adadem_kernel_equals_closed_form(shape, mode, masked):
   assert_paths_agree(adadem_objective(mode, w), z, mec, what=f"{mode} {shape} where={masked}")
 
 
+def every_loss(z, mec, where):
+  """Value and gradient of every DEM-family loss and AdaDEM mode (and its new
+  MEC state), each example weighted differently."""
+  weights = jnp.linspace(0.5, 1.5, z.shape[0])
+  out = {}
+  for name, loss in DEM_LOSSES.items():
+    out[name] = jax.value_and_grad(lambda z: jnp.sum(loss(z, where) * weights))(z)
+  for mode in ADADEM_MODES:
+    out[mode] = adadem_objective(mode, where)(z / 3.0 if mode == "AdaDEM-V" else z, mec)
+  return out
+
+
 @pytest.mark.parametrize("c", [33, 48, 161])
 def test_one_example_layout_for_every_last_vector(c):
   """C > 32 runs 16 classes per vector: a last vector of 1 class (33), none
@@ -133,17 +149,7 @@ def test_one_example_layout_for_every_last_vector(c):
   z = z.at[..., c - 1].set(-jnp.inf)   # the last class masked too
   w = example_mask(shape)
   mec = losses.mec_init(c) + 0.02 * jax.random.uniform(jax.random.key(4), (c, c))
-  weights = jnp.linspace(0.5, 1.5, shape[0])
-
-  def everything(z, mec):
-    out = {}
-    for name, loss in DEM_LOSSES.items():
-      out[name] = jax.value_and_grad(lambda z: jnp.sum(loss(z, w) * weights))(z)
-    for mode in ADADEM_MODES:
-      out[mode] = adadem_objective(mode, w)(z / 3.0 if mode == "AdaDEM-V" else z, mec)
-    return out
-
-  assert_paths_agree(everything, z, mec, what=f"every loss, C = {c}")
+  assert_paths_agree(lambda z, mec: every_loss(z, mec, w), z, mec, what=f"every loss, C = {c}")
 
 
 def test_a_gradient_of_8_mib_and_more_streamed_around_the_caches_is_the_same():
@@ -320,3 +326,35 @@ def test_without_a_working_compiler_the_losses_warn_once_and_still_work(tmp_path
   assert out[:2] == ["1", "False"], f"expected one build warning and no kernels, got {out}"
   np.testing.assert_allclose([float(out[2]), float(out[3])], [np.log(2.0), 0.08974469],
                              rtol=1e-6)
+
+
+def class_mask(shape, seed=11):
+  """A mask over classes with about a third of them False, and one example
+  with no class left (the last)."""
+  keep = jax.random.uniform(jax.random.key(seed), shape) > 0.35
+  keep = keep.at[..., 0].set(True)
+  return keep.at[-1].set(False)
+
+
+@pytest.mark.parametrize("shape,kernels", [((33, 40), True), ((21, 7), True),
+                                          ((21, 7), False)])
+def test_a_class_mask_is_the_same_as_minus_inf_logits(shape, kernels):
+  """optax's logits-shaped `where`: masked classes as -inf logits, an example
+  with no class left as a masked example; values, gradients and MEC states
+  of every loss and AdaDEM mode, with the kernels (C = 40 and 7: both
+  layouts) and on the pure-JAX path."""
+  z = logits(shape, seed=12, masked_class=False)
+  keep = class_mask(shape)
+  live = jnp.any(keep, axis=-1)
+  z_inf = jnp.where(keep, z, -jnp.inf)
+  c = shape[-1]
+  mec = losses.mec_init(c) + 0.02 * jax.random.uniform(jax.random.key(13), (c, c))
+  with contextlib.nullcontext() if kernels else _kernels.disabled():
+    got = jax.jit(lambda z: every_loss(z, mec, keep))(z)
+    want = jax.jit(lambda z: every_loss(z, mec, live))(z_inf)
+  for name in got:
+    for g, w in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name])):
+      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=name)
+      assert bool(jnp.all(jnp.isfinite(g))), name
+    grad = got[name][1]
+    assert not bool(jnp.any(jnp.where(keep, 0.0, grad))), f"{name}: masked classes got a gradient"

@@ -28,6 +28,7 @@ def test_wheel_installs_only_dem_jax(wheel):
     # The kernels' source is compiled on first use, so it must ship.
     assert "dem_jax/losses/_cpu/kernels.cc" in names
     assert "dem_jax/tasks/tta/methods.py" in names
+    assert "dem_jax/py.typed" in names, "the PEP 561 marker must ship"
 
 
 def test_core_requirements_are_what_the_losses_need(wheel):

@@ -94,7 +94,7 @@ class Checkpointer:
       >>> ckpt.save(epoch, state, {"epoch": epoch})
     """
 
-    def __init__(self, directory: str, *, max_to_keep: int | None = 2):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2) -> None:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=options,

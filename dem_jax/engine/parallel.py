@@ -22,7 +22,7 @@ process nothing of this changes anything.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,10 @@ AXIS = "batch"
 BACKENDS = ("pmap", "shard_map")
 
 
-def data_parallel(fn: Callable, *, backend: str = "pmap", devices=None,
-                  static_broadcasted_argnums=(), donate_argnums=()) -> Callable:
+def data_parallel(fn: Callable, *, backend: str = "pmap",
+                  devices: Sequence[jax.Device] | None = None,
+                  static_broadcasted_argnums: Sequence[int] = (),
+                  donate_argnums: Sequence[int] = ()) -> Callable:
     """Runs a per-device function on every device (leading device axis everywhere).
 
     Args:

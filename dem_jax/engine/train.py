@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -26,6 +26,7 @@ from jax import lax
 
 from dem_jax import models
 from dem_jax.data import pipeline
+from dem_jax.data.sources import ArrayDataset
 from dem_jax.engine import checkpoint as ckpt_lib
 from dem_jax.engine import metrics as metrics_lib
 from dem_jax.engine import parallel
@@ -140,8 +141,9 @@ def make_eval_step(model) -> Callable:
     return eval_step
 
 
-def evaluate(model, variables, dataset, *, batch_size: int, backend: str = "pmap",
-             devices=None) -> float:
+def evaluate(model: flax.linen.Module, variables: Any, dataset: ArrayDataset, *,
+             batch_size: int, backend: str = "pmap",
+             devices: Sequence[jax.Device] | None = None) -> float:
     """Top-1 accuracy of `variables` on every example of `dataset` (padded, masked).
 
     `devices`: those to run on (default: all, of every process). With several
@@ -163,9 +165,10 @@ def evaluate(model, variables, dataset, *, batch_size: int, backend: str = "pmap
     return correct / total
 
 
-def train_source(train_ds, test_ds, cfg: SourceConfig, workdir: str, *,
-                 backend: str = "pmap", log: reporting.MetricsLog | None = None,
-                 devices=None) -> dict:
+def train_source(train_ds: ArrayDataset, test_ds: ArrayDataset, cfg: SourceConfig,
+                 workdir: str, *, backend: str = "pmap",
+                 log: reporting.MetricsLog | None = None,
+                 devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
     """Trains (or resumes, or loads) the source model; returns its variables.
 
     Checkpoints go to `<workdir>/source` after every epoch. A finished run is

@@ -1,8 +1,20 @@
 """dem_jax.losses: entropy minimisation, decoupled.
 
 Per-example losses in the style of `optax.losses`: logits first, class axis
-`axis`, optional `where` mask over examples, float32 math whatever the input
-dtype, gradients written out with `jax.custom_vjp` (reverse mode only).
+`axis`, keyword options, and an optional boolean `where` shaped either like
+the output (a mask over examples: masked ones give 0 loss and 0 gradient and
+take no part in batch statistics) or like the logits (a mask over classes:
+masked classes are treated as `-inf` logits, and an example with no class
+left is a masked example), as in `optax.softmax_cross_entropy`.
+
+Where they still differ from optax: the losses return float32 whatever the
+logits' dtype (they compute in float32; gradients come back in the logits'
+dtype); `axis` is one class axis, not a tuple; and the EM/DEM/AdaDEM
+gradients are written out in closed form with `jax.custom_vjp`, so they are
+reverse mode only: `jax.grad`, `jax.vjp`, `jax.jacrev` and `jax.hessian`
+(forward over reverse) work, `jax.jvp` and `jax.jacfwd` raise TypeError, and
+AdaDEM has no second derivative at all (its gradient holds delta and the MEC
+row constant). The noisy-label losses take a mask over examples only.
 
 | function | paper | value per example |
 |---|---|---|

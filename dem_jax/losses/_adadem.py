@@ -20,18 +20,24 @@ AdaDEM-MEC (`norm=None`: `delta = 1`), AdaDEM-V (`delta_from="entropy"`:
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 from jax import lax
 
 from dem_jax.losses import _common
 from dem_jax.losses import _kernels
+from dem_jax.losses._common import AxisName, Mask
 
 NORMS = ("l1", "l2", "linf", None)
 CALIBRATORS = ("mec", "gmc")
 DELTA_FROM = ("cadf", "entropy")
+Norm = Literal["l1", "l2", "linf"] | None
+Calibrator = Literal["mec", "gmc"]
+DeltaFrom = Literal["cadf", "entropy"]
 
 # Floor on delta. The L1 CADF norm is >= 1 and never reaches it; the
 # entropy-based delta of AdaDEM-V goes to 0 at uniform and one-hot predictions
@@ -39,7 +45,7 @@ DELTA_FROM = ("cadf", "entropy")
 DELTA_FLOOR = 1e-6
 
 
-def mec_init(num_classes: int, dtype=jnp.float32) -> jax.Array:
+def mec_init(num_classes: int, dtype: DTypeLike = jnp.float32) -> jax.Array:
   """The initial MEC state: every row the uniform prediction.
 
   Args:
@@ -81,8 +87,9 @@ def _check_mec(mec, num_classes, fn):
     raise TypeError(f"{fn}: the MEC state must be floating, got {mec.dtype}.")
 
 
-def mec_update(mec, probs, pseudo_labels, *, momentum=0.1, where=None,
-               axis_name=None) -> jax.Array:
+def mec_update(mec: jax.Array, probs: ArrayLike, pseudo_labels: ArrayLike, *,
+               momentum: ArrayLike = 0.1, where: Mask = None,
+               axis_name: AxisName | None = None) -> jax.Array:
   r"""One MEC update: per pseudo-class running mean of the predictions.
 
   .. math::
@@ -112,10 +119,10 @@ def mec_update(mec, probs, pseudo_labels, *, momentum=0.1, where=None,
            [0.33333334, 0.33333334, 0.33333334]], dtype=float32)
   """
   num_classes = mec.shape[0]
-  probs = lax.stop_gradient(probs.astype(jnp.float32))
+  probs = lax.stop_gradient(jnp.asarray(probs).astype(jnp.float32))
   weights = jnp.ones(probs.shape[:1], jnp.float32)
   if where is not None:
-    weights = where.astype(jnp.float32)
+    weights = jnp.asarray(where).astype(jnp.float32)
   sums = jax.ops.segment_sum(probs * weights[:, None], pseudo_labels,
                              num_segments=num_classes)
   counts = jax.ops.segment_sum(weights, pseudo_labels, num_segments=num_classes)
@@ -285,8 +292,10 @@ def check_adadem_options(norm, calibrator, delta_from, fn="adadem"):
         f"{fn}: delta_from must be one of {DELTA_FROM}, got {delta_from!r}.")
 
 
-def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
-           delta_from="cadf", axis: int = -1, where=None, axis_name=None):
+def adadem(logits: ArrayLike, mec: jax.Array | None, *, momentum: ArrayLike = 0.1,
+           norm: Norm = "l1", calibrator: Calibrator = "mec",
+           delta_from: DeltaFrom = "cadf", axis: int = -1, where: Mask = None,
+           axis_name: AxisName | None = None) -> tuple[jax.Array, jax.Array | None]:
   r"""AdaDEM: the CADF reward normalised by its L1 norm, plus the MEC.
 
   .. math::
@@ -318,8 +327,10 @@ def adadem(logits, mec, *, momentum=0.1, norm="l1", calibrator="mec",
     calibrator: "mec" or "gmc".
     delta_from: "cadf" or "entropy".
     axis: the class axis.
-    where: optional bool mask over examples; masked examples give 0 loss and
-      0 gradient and are left out of the MEC update.
+    where: optional bool mask over examples (`[...]`) or over classes (the
+      logits' shape: False classes are treated as `-inf` logits); masked
+      examples, and examples with no class left, give 0 loss and 0 gradient
+      and are left out of the MEC update.
     axis_name: named axis (pmap / shard_map) over which the MEC update is
       reduced; None on one device.
 

@@ -7,17 +7,27 @@ Conventions (the same for every public loss in `dem_jax.losses`):
   shape `logits.shape` without the class axis;
 * everything is computed in float32 whatever the input dtype;
 * a class whose logit is `-inf` is a *masked class*: probability 0, gradient 0;
-* `where` is a boolean mask over examples (shape of the output); masked
-  examples give loss 0 and gradient 0 and take no part in batch statistics.
+* `where` is a boolean mask, as in optax's softmax cross-entropy, of one of
+  two shapes: over examples (the output's shape), where masked examples give
+  loss 0 and gradient 0 and take no part in batch statistics; or over
+  classes (the logits' shape), where a masked class is treated as a `-inf`
+  logit, and an example with no class left is a masked example.
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
+
+# The types of the public API: arrays in (JAX, NumPy, or Python scalars for
+# hyperparameters), a named axis of pmap / shard_map.
+Mask = ArrayLike | None
+AxisName = Hashable
 
 
 def check_logits(logits, axis: int, fn: str) -> int:
@@ -45,16 +55,27 @@ def check_logits(logits, axis: int, fn: str) -> int:
   return axis
 
 
-def check_where(where, out_shape: tuple[int, ...], fn: str):
-  """Validates the per-example mask; returns it as a bool array or None."""
+def check_where(where, out_shape: tuple[int, ...], fn: str,
+                logits_shape: tuple[int, ...] | None = None):
+  """Validates the mask; returns it as a bool array or None.
+
+  Args:
+    where: None, or a bool mask of shape `out_shape` (over examples) or, when
+      `logits_shape` is given, of that shape (over classes).
+    out_shape: the per-example shape (logits' shape without the class axis).
+    fn: the public function's name, for errors.
+    logits_shape: the logits' shape if a class mask is allowed.
+  """
   if where is None:
     return None
   if not hasattr(where, "shape"):
     where = np.asarray(where)
-  if tuple(where.shape) != tuple(out_shape):
-    raise ValueError(
-        f"{fn}: `where` must have the per-example shape {tuple(out_shape)} "
-        f"(logits shape without the class axis), got {tuple(where.shape)}.")
+  shape = tuple(where.shape)
+  if shape != tuple(out_shape) and (logits_shape is None or shape != tuple(logits_shape)):
+    allowed = f"the per-example shape {tuple(out_shape)} (logits shape without the class axis)"
+    if logits_shape is not None:
+      allowed += f" or the logits' shape {tuple(logits_shape)} (a class mask)"
+    raise ValueError(f"{fn}: `where` must have {allowed}, got {shape}.")
   if where.dtype != jnp.bool_:
     raise TypeError(
         f"{fn}: `where` must be a boolean mask, got dtype {where.dtype}. "
@@ -85,17 +106,25 @@ def check_scalar(x, name: str, fn: str) -> jax.Array:
 
 
 def to_examples(logits, axis: int, where, fn: str):
-  """Moves the class axis last, casts to float32 and neutralises masked examples.
+  """Moves the class axis last, casts to float32 and applies the mask.
+
+  `where` is over examples or over classes (see the module's docstring): a
+  class mask sets masked classes to `-inf`, and its examples with no class
+  left become masked examples.
 
   Returns:
     z: float32 [..., C] logits, masked examples replaced by zeros (so that
       arbitrary values there, even NaN, cannot leak into values or gradients);
-    mask: bool [...] or None.
+    mask: bool [...] over examples, or None.
   """
   axis = check_logits(logits, axis, fn)
   out_shape = tuple(s for i, s in enumerate(logits.shape) if i != axis)
-  mask = check_where(where, out_shape, fn)
+  mask = check_where(where, out_shape, fn, tuple(logits.shape))
   z = jnp.moveaxis(jnp.asarray(logits), axis, -1).astype(jnp.float32)
+  if mask is not None and tuple(mask.shape) != out_shape:
+    classes = jnp.moveaxis(mask, axis, -1)
+    z = jnp.where(classes, z, -jnp.inf)
+    mask = jnp.any(classes, axis=-1)
   if mask is not None:
     z = jnp.where(mask[..., None], z, 0.0)
   return z, mask

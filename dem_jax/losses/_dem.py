@@ -28,9 +28,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from dem_jax.losses import _common
 from dem_jax.losses import _kernels
+from dem_jax.losses._common import Mask
 
 # --------------------------------------------------------------------------
 # Closed forms on float32 [..., C] logits. Every value is computed from logits
@@ -174,7 +176,7 @@ def _check_alpha(alpha, fn):
 # --------------------------------------------------------------------------
 
 
-def entropy(logits, *, axis: int = -1, where=None) -> jax.Array:
+def entropy(logits: ArrayLike, *, axis: int = -1, where: Mask = None) -> jax.Array:
   r"""Shannon entropy of the softmax prediction: classical EM, per example.
 
   .. math::
@@ -191,8 +193,10 @@ def entropy(logits, *, axis: int = -1, where=None) -> jax.Array:
       floating dtype (computed in float32, gradient returned in the input
       dtype). `-inf` marks a masked class (probability 0, gradient 0).
     axis: the class axis.
-    where: optional bool `[...]` (the output shape); False examples give 0
-      loss and 0 gradient.
+    where: optional bool mask, as in optax: `[...]` (the output's shape),
+      where False examples give 0 loss and 0 gradient; or the logits' shape,
+      where False classes are treated as `-inf` logits (an example with no
+      class left gives 0 loss and 0 gradient).
 
   Returns:
     float32 `[...]`: the entropy of each example, in `[0, log C]`.
@@ -206,7 +210,8 @@ def entropy(logits, *, axis: int = -1, where=None) -> jax.Array:
   return _run(logits, one, one, "entropy", axis, where, "entropy")
 
 
-def cadf(logits, tau=1.0, *, axis: int = -1, where=None) -> jax.Array:
+def cadf(logits: ArrayLike, tau: ArrayLike = 1.0, *, axis: int = -1,
+         where: Mask = None) -> jax.Array:
   r"""CADF, the cluster aggregation driving factor, with temperature tau.
 
   .. math::
@@ -220,7 +225,7 @@ def cadf(logits, tau=1.0, *, axis: int = -1, where=None) -> jax.Array:
     logits: float `[..., num_classes]` (class axis at `axis`).
     tau: temperature > 0, a Python float or a traced scalar.
     axis: the class axis.
-    where: optional bool mask over examples.
+    where: optional bool mask over examples or over classes (see `entropy`).
 
   Returns:
     float32 `[...]`: `T_tau` per example.
@@ -229,11 +234,11 @@ def cadf(logits, tau=1.0, *, axis: int = -1, where=None) -> jax.Array:
     >>> losses.cadf(jnp.array([[2.0, 0.0, -1.0]]), tau=0.5)
     Array([-1.9568301], dtype=float32)
   """
-  tau = _check_tau(tau, "cadf")
-  return _run(logits, tau, (0.0, 0.0), "cadf", axis, where, "cadf")
+  return _run(logits, _check_tau(tau, "cadf"), (0.0, 0.0), "cadf", axis, where, "cadf")
 
 
-def gmc(logits, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
+def gmc(logits: ArrayLike, alpha: ArrayLike = 1.0, *, axis: int = -1,
+        where: Mask = None) -> jax.Array:
   r"""GMC, the gradient mitigation calibrator, with weight alpha.
 
   .. math::
@@ -246,7 +251,7 @@ def gmc(logits, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
     logits: float `[..., num_classes]` (class axis at `axis`).
     alpha: weight >= 0, a Python float or a traced scalar.
     axis: the class axis.
-    where: optional bool mask over examples.
+    where: optional bool mask over examples or over classes (see `entropy`).
 
   Returns:
     float32 `[...]`: `Q_alpha` per example.
@@ -255,11 +260,10 @@ def gmc(logits, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
     >>> losses.gmc(jnp.zeros((1, 4)), alpha=0.5)  # 0.5 * log 4
     Array([0.6931472], dtype=float32)
   """
-  alpha = _check_alpha(alpha, "gmc")
-  return _run(logits, (1.0, 1.0), alpha, "gmc", axis, where, "gmc")
+  return _run(logits, (1.0, 1.0), _check_alpha(alpha, "gmc"), "gmc", axis, where, "gmc")
 
 
-def dem_valid(tau, alpha) -> bool | np.ndarray:
+def dem_valid(tau: ArrayLike, alpha: ArrayLike) -> bool | np.ndarray:
   """Whether (tau, alpha) lies in the region of Prop. A.1.
 
   The region is `0 < tau <= 2 / alpha` for `alpha > 0`, and `tau > 0` for
@@ -286,7 +290,8 @@ def dem_valid(tau, alpha) -> bool | np.ndarray:
   return bool(ok) if ok.ndim == 0 else ok
 
 
-def dem(logits, tau=1.0, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
+def dem(logits: ArrayLike, tau: ArrayLike = 1.0, alpha: ArrayLike = 1.0, *, axis: int = -1,
+        where: Mask = None) -> jax.Array:
   r"""Decoupled entropy minimisation: CADF at temperature tau plus alpha x GMC.
 
   .. math::
@@ -307,7 +312,7 @@ def dem(logits, tau=1.0, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
     tau: temperature > 0: Python float or traced scalar (vmap a grid of them).
     alpha: GMC weight >= 0: Python float or traced scalar.
     axis: the class axis.
-    where: optional bool mask over examples.
+    where: optional bool mask over examples or over classes (see `entropy`).
 
   Returns:
     float32 `[...]`: the DEM loss per example.
@@ -318,13 +323,13 @@ def dem(logits, tau=1.0, alpha=1.0, *, axis: int = -1, where=None) -> jax.Array:
     Array([0.08974469], dtype=float32)
     >>> grad = jax.grad(lambda z: jnp.mean(losses.dem(z, 1.3, 0.8)))(z)
   """
-  tau = _check_tau(tau, "dem")
-  alpha = _check_alpha(alpha, "dem")
-  t, a = tau[1], alpha[1]
+  checked_tau = _check_tau(tau, "dem")
+  checked_alpha = _check_alpha(alpha, "dem")
+  t, a = checked_tau[1], checked_alpha[1]
   if t is not None and a is not None and not dem_valid(t, a):
     warnings.warn(
         f"dem: (tau={t:g}, alpha={a:g}) is outside Prop. A.1's region "
         f"0 < tau <= 2/alpha (here 2/alpha = {2 / a:g}); the loss is not "
         "concave at the uniform prediction and may drive predictions towards "
         "uniform. See dem_jax.losses.dem_valid.", stacklevel=2)
-  return _run(logits, tau, alpha, "dem", axis, where, "dem")
+  return _run(logits, checked_tau, checked_alpha, "dem", axis, where, "dem")

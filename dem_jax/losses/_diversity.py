@@ -5,11 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from dem_jax.losses import _common
+from dem_jax.losses._common import AxisName, Mask
 
 
-def marginal_entropy(logits, *, axis: int = -1, where=None, axis_name=None) -> jax.Array:
+def marginal_entropy(logits: ArrayLike, *, axis: int = -1, where: Mask = None,
+                     axis_name: AxisName | None = None) -> jax.Array:
   r"""Entropy of the mean prediction over all (unmasked) examples.
 
   .. math::
@@ -30,7 +33,8 @@ def marginal_entropy(logits, *, axis: int = -1, where=None, axis_name=None) -> j
   Args:
     logits: float `[..., num_classes]` (class axis at `axis`).
     axis: the class axis.
-    where: optional bool mask over examples; masked ones are left out of the mean.
+    where: optional bool mask over examples (masked ones are left out of the
+      mean) or over classes (the logits' shape: False classes are `-inf`).
     axis_name: named axis over which the mean prediction is taken, so that N
       devices give the value of one device on the global batch.
 

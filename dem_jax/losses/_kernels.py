@@ -4,15 +4,24 @@ On CPU, XLA writes every row reduction of a loss to memory and reads the
 logits again for the next one, so the losses cost several times a softmax
 cross-entropy. `_cpu/kernels.cc` computes the same closed forms in one pass
 over each row while it is in cache (see that file). This module compiles it
-with the system C++ compiler on first use (a few seconds, cached under
-`$DEM_JAX_CACHE_DIR`, default `~/.cache/dem_jax`), registers its handlers with
-XLA, and wraps them for the losses:
+with the system C++ compiler (`$CXX`, else g++ or c++), registers its
+handlers with XLA, and wraps them for the losses:
 
 * the kernels run only on CPU (`lax.platform_dependent`); on GPU/TPU the same
   program runs the pure-JAX closed forms of `_dem.py` / `_adadem.py`, which
   stay the reference (the tests compare both paths);
-* with no C++ compiler (or `DEM_JAX_CPU_KERNELS=0`) everything runs the
-  pure-JAX path, with one warning when a build fails;
+* the build is lazy: it happens when a program that uses the kernels is
+  first lowered for CPU (`_ready_p`'s lowering), never in a process that
+  only runs on GPU/TPU, and once per machine (`_kernel_cache`: a library
+  keyed by the source, the compiler's version, what `-march=native`
+  resolves to, the CPU and the FFI headers' contents; built under a file
+  lock; its checksum checked before every load, so that a truncated or
+  altered library is rebuilt, never loaded). What is loaded is the verified
+  bytes, from a private in-memory file, so that a later change to the
+  cached file cannot reach a running process;
+* with no C++ compiler, or a failing one, the losses run the pure-JAX path
+  with one warning, pointed at the caller's line; `DEM_JAX_CPU_KERNELS=0`
+  selects the pure-JAX path silently;
 * each kernel call is a `jax.custom_jvp` whose tangent is that of the pure-JAX
   formula, so `jax.hessian` (forward over reverse) still differentiates the
   closed-form backward pass;
@@ -29,25 +38,32 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import os
 import pathlib
 import shutil
-import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
+import types
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.interpreters import mlir
 
+from dem_jax.losses import _kernel_cache
 from dem_jax.losses import _common
 
-SOURCE = pathlib.Path(__file__).parent / "_cpu" / "kernels.cc"
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17",
-         "-shared", "-fPIC", "-w")
+try:
+  from jax.extend.core import Primitive
+except ImportError:  # jax < 0.4.36
+  from jax.core import Primitive  # type: ignore[no-redef,attr-defined]
+
 DEM_MODES = {"entropy": 0, "cadf": 1, "gmc": 2, "dem": 3}
 NORM_CODES = {None: 0, "l1": 1, "l2": 2, "linf": 3}
 DEM_STATS = 4   # (max, lse_p, lse_q, mean) per example
@@ -56,45 +72,85 @@ HANDLERS = ("DemFwd", "DemBwd", "DemFwdGrad", "ScaleRows", "AdaStats", "AdaStats
             "AdaFwd", "AdaNormFwd", "AdaNormFwdGrad", "AdaBwd")
 
 _lock = threading.Lock()
-_state = {"loaded": None, "error": None}
+_state: dict[str, Any] = {"loaded": None, "error": None, "path": None}
 
 
-def _cache_dir() -> pathlib.Path:
-  root = os.environ.get("DEM_JAX_CACHE_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "dem_jax")
-  return pathlib.Path(root)
+def _dlopen(data: bytes, path: pathlib.Path) -> ctypes.CDLL:
+  """Loads the verified bytes from an in-memory file (Linux), else from `path`.
 
-
-def _library_path(compiler: str) -> pathlib.Path:
-  """The cached library for this source, compiler, flags, jaxlib and machine."""
-  key = hashlib.sha256()
-  key.update(SOURCE.read_bytes())
-  key.update(" ".join((compiler,) + FLAGS).encode())
-  key.update(jax.ffi.include_dir().encode())
-  key.update(jax.__version__.encode())
-  try:  # -march=native: a cache shared by machines of other CPUs must not mix.
-    key.update(pathlib.Path("/proc/cpuinfo").read_text().split("flags", 2)[1]
-               .split("\n")[0].encode())
-  except (OSError, IndexError):
-    key.update(os.uname().machine.encode())
-  return _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
-
-
-def _build(compiler: str, target: pathlib.Path) -> None:
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Compile to a private file and rename, so that processes building at the
-  # same time never load a half-written library.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-  os.close(fd)
+  Loading the bytes that were checked, not the file again, leaves no window
+  in which a truncated or replaced file could be mapped (a library truncated
+  under a running process kills it with SIGBUS).
+  """
   try:
-    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    os.replace(tmp, target)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    fd = os.memfd_create("dem_jax_kernels", 0)
+  except (AttributeError, OSError):
+    return ctypes.CDLL(str(path))
+  try:
+    view = memoryview(data)
+    while view:
+      view = view[os.write(fd, view):]
+    # The fd stays open: dlopen knows a library by its name, and a later
+    # load from a reused fd number would get this one back.
+    return ctypes.CDLL(f"/proc/self/fd/{fd}")
+  except OSError:  # e.g. memfds mounted noexec: the file itself was verified too
+    os.close(fd)
+    return ctypes.CDLL(str(path))
+
+
+# --------------------------------------------------------------------------
+# Loading, once per process, and the warning for the caller.
+# --------------------------------------------------------------------------
+
+
+def _candidate_dirs():
+  """`(directory, temporary)` to build in, in order: the cache; this user's
+  private directory; a fresh private directory for this process only."""
+  yield _kernel_cache.cache_dir(), False
+  try:
+    yield _kernel_cache.private_dir(), False
+  except OSError as e:
+    _warn(f"dem_jax.losses: not using the fallback kernel cache: {e}.")
+  yield pathlib.Path(tempfile.mkdtemp(prefix="dem_jax-")), True
+
+
+def _register(data: bytes, path: pathlib.Path) -> ctypes.CDLL:
+  lib = _dlopen(data, path)
+  for name in HANDLERS:
+    jax.ffi.register_ffi_target(f"dem_jax_{name}", jax.ffi.pycapsule(getattr(lib, name)),
+                                platform="cpu")
+  return lib
+
+
+def build_and_load(compiler: str, load: Callable[[bytes, pathlib.Path], Any] | None = None):
+  """`load(bytes, path)` of the verified library, built where it can be.
+
+  Returns:
+    `(load's result, path)`; path is None for a library built for this
+    process only (in a temporary directory, removed once loaded).
+  """
+  load = load or _register
+  include_dir = jax.ffi.include_dir()
+  key = _kernel_cache.cache_key(compiler, include_dir)
+  errors = []
+  for directory, temporary in _candidate_dirs():
+    try:
+      try:
+        data, path, rebuilt = _kernel_cache.build(compiler, directory, key, include_dir)
+      except OSError as e:  # an unusable directory: try the next one
+        errors.append(f"{directory}: {e}")
+        continue
+      if errors:
+        _warn(f"dem_jax.losses: the kernel cache is unusable ({'; '.join(errors)}); "
+              f"built in {'a temporary directory, for this process only' if temporary else directory}.")
+      if rebuilt:
+        _warn(f"dem_jax.losses: the cached kernel library {path} did not match its "
+              "checksum (truncated or altered); it was rebuilt and the old one not loaded.")
+      return load(data, path), None if temporary else path
+    finally:
+      if temporary:
+        shutil.rmtree(directory, ignore_errors=True)
+  raise OSError("no directory to build the kernels in: " + "; ".join(errors))
 
 
 def _load():
@@ -105,33 +161,44 @@ def _load():
     if os.environ.get("DEM_JAX_CPU_KERNELS", "1") == "0":
       _state["error"] = "disabled by DEM_JAX_CPU_KERNELS=0"
       return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-      _state["error"] = "no C++ compiler (g++) found"
-      return None
+    compiler = _kernel_cache.find_compiler()
     try:
-      path = _library_path(compiler)
-      if not path.exists():
-        try:
-          _build(compiler, path)
-        except OSError:  # an unwritable cache directory: build in /tmp
-          path = pathlib.Path(tempfile.gettempdir()) / "dem_jax" / path.name
-          if not path.exists():
-            _build(compiler, path)
-      lib = ctypes.cdll.LoadLibrary(str(path))
-      for name in HANDLERS:
-        jax.ffi.register_ffi_target(f"dem_jax_{name}",
-                                    jax.ffi.pycapsule(getattr(lib, name)),
-                                    platform="cpu")
+      if compiler is None:
+        raise RuntimeError("no C++ compiler found ($CXX unset, no g++ or c++ on the PATH)")
+      _state["loaded"], _state["path"] = build_and_load(compiler)
     except Exception as e:  # pylint: disable=broad-except
       _state["error"] = f"{type(e).__name__}: {e}"
-      warnings.warn(
-          "dem_jax.losses: could not build the fused CPU kernels, so the losses "
-          f"run the (slower) pure-JAX path on CPU. Reason: {_state['error']}. "
-          "Set DEM_JAX_CPU_KERNELS=0 to silence this.", RuntimeWarning, stacklevel=3)
-      return None
-    _state["loaded"] = lib
-    return lib
+      _warn("dem_jax.losses: could not build the fused CPU kernels, so the losses "
+            f"run the (slower) pure-JAX path on CPU. Reason: {_state['error']}. "
+            "Install g++ (or set CXX), or set DEM_JAX_CPU_KERNELS=0 to silence this.")
+    return _state["loaded"]
+
+
+def _library_frames_prefixes() -> tuple[str, ...]:
+  """Source trees whose frames are never "the caller": these losses, JAX and
+  the standard library (its context managers sit between JAX's frames)."""
+  dirs = [os.path.dirname(__file__), os.path.dirname(jax.__file__),
+          sysconfig.get_paths()["stdlib"]]
+  jaxlib_file = getattr(sys.modules.get("jaxlib"), "__file__", None)
+  if jaxlib_file:
+    dirs.append(os.path.dirname(jaxlib_file))
+  return tuple(os.path.realpath(d) + os.sep for d in dirs)
+
+
+def _warn(message: str) -> None:
+  """A RuntimeWarning attributed to the innermost frame outside the losses,
+  JAX and the standard library: the user's call that traced or lowered the
+  loss, wherever in JAX the build was triggered."""
+  prefixes = _library_frames_prefixes()
+  frame: types.FrameType | None = sys._getframe(1)  # pylint: disable=protected-access
+  while frame is not None and os.path.realpath(frame.f_code.co_filename).startswith(prefixes):
+    frame = frame.f_back
+  if frame is None:
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return
+  registry = frame.f_globals.setdefault("__warningregistry__", {})
+  warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
+                         module=frame.f_globals.get("__name__"), registry=registry)
 
 
 def available() -> bool:
@@ -143,6 +210,34 @@ def unavailable_reason() -> str | None:
   """Why `available()` is False (None when it is True)."""
   _load()
   return _state["error"]
+
+
+def library_path() -> pathlib.Path | None:
+  """The cached library in use (None if none, or built for this process only)."""
+  _load()
+  return _state["path"]
+
+
+# The lazy build: a program that may use the kernels asks `_ready_p()` on
+# CPU whether they are built (a boolean known when it is lowered, never
+# earlier), and runs them or the pure-JAX path accordingly. Its CPU lowering
+# builds the kernels; other platforms lower it to False, without a build.
+# XLA folds the constant, so the compiled program holds one path only.
+_ready_p = Primitive("dem_jax_cpu_kernels_ready")
+_ready_p.def_impl(lambda: np.bool_(_load() is not None))
+_ready_p.def_abstract_eval(lambda: jax.core.ShapedArray((), np.bool_))
+mlir.register_lowering(_ready_p, lambda ctx: [mlir.ir_constant(np.bool_(_load() is not None))],
+                       platform="cpu")
+mlir.register_lowering(_ready_p, lambda ctx: [mlir.ir_constant(np.bool_(False))])
+
+
+def _if_built(kernel_fn: Callable, jax_fn: Callable) -> Callable:
+  def run(*args):
+    ready = _ready_p.bind()
+    if not isinstance(ready, jax.core.Tracer):  # eager, on CPU: known now
+      return kernel_fn(*args) if ready else jax_fn(*args)
+    return lax.cond(ready, kernel_fn, jax_fn, *args)
+  return run
 
 
 _switch = threading.local()
@@ -164,14 +259,23 @@ def disabled():
 
 
 def usable(z) -> bool:
-  """Whether the kernel path applies to these float32 `[..., C]` logits."""
+  """Whether the kernel path may apply to these float32 `[..., C]` logits.
+
+  Builds nothing: where the kernels are not known yet to be (un)available,
+  the program decides when it is lowered for CPU (`on_cpu`).
+  """
   return (z.size > 0 and z.dtype == jnp.float32 and not getattr(_switch, "off", False)
-          and available())
+          and os.environ.get("DEM_JAX_CPU_KERNELS", "1") != "0" and _state["error"] is None)
 
 
 def on_cpu(args, kernel_fn, jax_fn):
-  """`kernel_fn(*args)` where the program runs on CPU, `jax_fn(*args)` elsewhere."""
-  return lax.platform_dependent(*args, cpu=kernel_fn, default=jax_fn)
+  """`kernel_fn(*args)` where the program runs on CPU, `jax_fn(*args)` elsewhere.
+
+  On CPU, `jax_fn` too if the kernels cannot be built (decided at lowering,
+  where the build happens, unless an earlier lowering settled it).
+  """
+  cpu = kernel_fn if _state["loaded"] is not None else _if_built(kernel_fn, jax_fn)
+  return lax.platform_dependent(*args, cpu=cpu, default=jax_fn)
 
 
 def _call(name, out, *args, vmap_method="broadcast_all", aliases=None, **attrs):

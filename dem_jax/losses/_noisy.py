@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from dem_jax.losses import _common
+from dem_jax.losses._common import Mask
 
 # ELR clips the prediction into [eps, 1 - eps] before using it (Liu et al.'s code).
 ELR_CLIP = 1e-4
@@ -131,8 +133,8 @@ def _check_range_scalar(x, name, fn, low, high, low_open, high_open, hint):
 # --------------------------------------------------------------------------
 
 
-def generalized_cross_entropy(logits, labels, *, q=0.7, axis: int = -1,
-                              where=None) -> jax.Array:
+def generalized_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, q: float = 0.7,
+                              axis: int = -1, where: Mask = None) -> jax.Array:
   r"""Generalized cross entropy (GCE), the negative Box-Cox transform of p_y.
 
   .. math::
@@ -184,8 +186,9 @@ def _gce(logits, labels, where, q, *, axis):
   return _common.apply_mask(value, mask)
 
 
-def symmetric_cross_entropy(logits, labels, *, alpha=0.1, beta=1.0, log_zero=-4.0,
-                            axis: int = -1, where=None) -> jax.Array:
+def symmetric_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, alpha: float = 0.1,
+                            beta: float = 1.0, log_zero: float = -4.0, axis: int = -1,
+                            where: Mask = None) -> jax.Array:
   r"""Symmetric cross entropy (SCE): CE plus the reverse cross entropy.
 
   .. math::
@@ -276,8 +279,9 @@ def _check_targets(targets, num_classes, fn):
     raise TypeError(f"{fn}: the target table must be floating, got {targets.dtype}.")
 
 
-def elr(logits, labels, targets, indices, *, lam=3.0, beta=0.7, axis: int = -1,
-        where=None):
+def elr(logits: ArrayLike, labels: ArrayLike, targets: jax.Array, indices: ArrayLike, *,
+        lam: float = 3.0, beta: float = 0.7, axis: int = -1,
+        where: Mask = None) -> tuple[jax.Array, jax.Array]:
   r"""Early-learning regularisation (ELR): CE plus a pull towards early predictions.
 
   .. math::
@@ -334,9 +338,9 @@ def elr(logits, labels, targets, indices, *, lam=3.0, beta=0.7, axis: int = -1,
   beta = _check_range_scalar(beta, "beta", fn, 0.0, 1.0, False, True,
                              "beta is the targets' momentum; the paper uses 0.7.")
   axis, where = _check_inputs(logits, labels, axis, where, fn)
-  num_classes = logits.shape[axis]
+  num_classes = np.shape(logits)[axis]
   _check_targets(targets, num_classes, fn)
-  _check_int_array(indices, labels.shape, "indices", fn)
+  _check_int_array(indices, np.shape(labels), "indices", fn)
   _check_range(indices, where, targets.shape[0], "indices", fn)
   return _elr(logits, labels, targets, indices, where, lam, beta, axis=axis)
 

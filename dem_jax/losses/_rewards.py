@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from dem_jax.losses import _adadem
 from dem_jax.losses import _common
 from dem_jax.losses import _dem
 
 
-def rewards(logits, *, tau=1.0, alpha=1.0, mec=None, axis: int = -1) -> dict[str, jax.Array]:
+def rewards(logits: ArrayLike, *, tau: float = 1.0, alpha: float = 1.0,
+            mec: jax.Array | None = None, axis: int = -1) -> dict[str, jax.Array]:
   r"""The reward `-dL/dz` that each loss puts on each logit.
 
   Computed by the losses' own backward passes (their closed forms):
