@@ -133,3 +133,27 @@ def test_tiny_glyph_tta_run_end_to_end(tmp_path, cache):
         for row in c.rows:
             assert 0.0 <= results[setting][row]["mean"] <= 1.0
     assert results["test_examples"] == 80
+
+
+def test_report_reads_finished_and_partial_runs(tmp_path):
+    from dem_jax.engine import reporting
+    from experiments import glyphs_c_report
+
+    for num_classes, seeds in ((10, (0, 1)), (100, (0,))):
+        wd = tmp_path / f"c{num_classes}"
+        os.makedirs(wd)
+        config = dict(data=f"glyphs:cjk:{num_classes}", settings=["single"], seeds=[0, 1],
+                      rows=["em", "adadem"], corruptions=["fog"], lr_sweep_losses=["em"],
+                      lr_grid=[0.1, 1.0])
+        (wd / "config.json").write_text(json.dumps(config))
+        for seed in seeds:
+            for row, acc in (("em", 0.5), ("adadem", 0.5 + 0.01 * (seed + 1))):
+                reporting.save_checked(str(wd / "units" / "single" / row / f"seed{seed}.json"),
+                                       {"accuracy": {"fog": acc}})
+        reporting.save_checked(str(wd / "units" / "lr_sweep" / "em.json"), [0.2, 0.3])
+    runs = [glyphs_c_report.read_run(str(tmp_path / d)) for d in ("c100", "c10")]
+    np.testing.assert_allclose(glyphs_c_report.differences(runs[1], "single", "adadem"),
+                               [0.01, 0.02])
+    md = glyphs_c_report.markdown(runs)
+    assert "| single: adadem - em | 1.5 ± 0.5 (2) | 1.0 ± 0.0 (1) |" in md
+    assert "| C = 10 | C = 100 |" in md and "em 1" in md
