@@ -9,7 +9,7 @@ fonts-noto-cjk fonts-wqy-zenhei fonts-wqy-microhei fonts-arphic-ukai
 fonts-arphic-uming`); the data is rendered once and cached (`dem_jax.data.glyphs`).
   python -m experiments.uda --config=experiments/configs/uda_font_shift.py --workdir=runs/uda_font_shift
 
-The source model is the C = 100 ResNet of `glyphs_c.py` (ResNet-8, width 16), trained
+The source model is the C = 100 ResNet of `glyphs_c.py` (ResNet-8, width 8), trained
 on the seen fonts only.
 """
 
@@ -20,8 +20,8 @@ def get_config():
     c = uda_default.get_config()
     c.pairs = ("glyphs:cjk_seen:100->glyphs:cjk_unseen:100",)
     c.model = "resnet"
-    c.model_kwargs = {"depth": 8, "width": 16, "norm": "batch"}
-    c.source.epochs = 20
+    c.model_kwargs = {"depth": 8, "width": 8, "norm": "batch"}
+    c.source.epochs = 15
     c.source.batch_size = 128
     c.source.learning_rate = 0.1
     c.source.augment = "none"             # the glyphs are already varied
