@@ -1,6 +1,10 @@
 """Adaptation throughput: Tent with EM vs AdaDEM (and its ablations), images per second.
 
   python -m bench.tta [--models cnn,resnet] [--batch 128] [--batches 20] [--repeats 5]
+                      [--classes 10]
+
+`--classes 1000` times the steps with a 1000-class head (the glyphs-C question: is
+AdaDEM's O(B C) MEC update still small next to the network at C = 1000?).
 
 A stream of `--batches` batches of 32x32x3 random images runs through
 `protocol.Runner` (one compiled step per batch, as in the experiments); the median of `--repeats` timed runs after a
@@ -27,7 +31,7 @@ MODEL_KWARGS = {"cnn": (("hidden", 128), ("width", 32)),
 
 
 def bench(model_name: str, losses: list[str], *, batch: int, batches: int,
-          repeats: int) -> dict[str, float]:
+          repeats: int, classes: int = 10) -> dict[str, float]:
     """Seconds per step of each loss; the losses are timed round-robin.
 
     Every loss gets its compiled stream first; then each of `repeats` rounds
@@ -35,16 +39,16 @@ def bench(model_name: str, losses: list[str], *, batch: int, batches: int,
     load hit all losses alike and the ratios stay meaningful on a busy machine.
     """
     kwargs = MODEL_KWARGS[model_name]
-    model = train_lib.build_model(model_name, 10, kwargs)
+    model = train_lib.build_model(model_name, classes, kwargs)
     variables = models.init_variables(model, jax.random.key(0, impl="rbg"), (1, 32, 32, 3))
     rng = np.random.default_rng(0)
     images = rng.random((batches, batch, 32, 32, 3), np.float32)
-    labels = rng.integers(0, 10, (batches, batch)).astype(np.int32)
+    labels = rng.integers(0, classes, (batches, batch)).astype(np.int32)
     runs = {}
     for loss in losses:
         cfg = methods.AdaptConfig(method="tent", loss=loss)
-        runner = protocol.Runner(model, cfg, 10, devices=jax.devices()[:1])
-        state = methods.init_state(variables, cfg, 10, lr=0.01)
+        runner = protocol.Runner(model, cfg, classes, devices=jax.devices()[:1])
+        state = methods.init_state(variables, cfg, classes, lr=0.01)
         runner(state, images, labels)  # compile
         runs[loss] = (runner, state)
     times = {loss: [] for loss in losses}
@@ -63,9 +67,10 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--classes", type=int, default=10, help="number of classes C")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind} x1, batch {args.batch}, 32x32x3, "
-          f"Tent (BatchNorm affine), plain SGD")
+          f"Tent (BatchNorm affine), plain SGD, {args.classes} classes")
     print("| model | loss | ms / step | images / s | step / EM step |")
     print("|---|---|---|---|---|")
     misses = []
@@ -74,7 +79,7 @@ def main():
         if "em" not in losses:
             losses = ["em"] + losses  # the reference of every ratio
         step_times = bench(model_name, losses, batch=args.batch, batches=args.batches,
-                           repeats=args.repeats)
+                           repeats=args.repeats, classes=args.classes)
         base = step_times["em"]
         for loss, t in step_times.items():
             ratio = t / base if base else float("nan")

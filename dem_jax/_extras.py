@@ -16,6 +16,7 @@ EXTRAS: dict[str, dict[str, str]] = {
         "flax": "flax", "optax": "optax", "orbax.checkpoint": "orbax-checkpoint",
         "ml_collections": "ml_collections", "absl": "absl-py", "sklearn": "scikit-learn",
         "skimage": "scikit-image", "matplotlib": "matplotlib", "PIL": "pillow",
+        "fontTools": "fonttools",
         "tqdm": "tqdm", "scipy": "scipy", "tensorboardX": "tensorboardX",
     },
 }

