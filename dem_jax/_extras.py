@@ -17,6 +17,7 @@ EXTRAS: dict[str, dict[str, str]] = {
         "ml_collections": "ml_collections", "absl": "absl-py", "sklearn": "scikit-learn",
         "skimage": "scikit-image", "matplotlib": "matplotlib", "PIL": "pillow",
         "tqdm": "tqdm", "scipy": "scipy", "tensorboardX": "tensorboardX",
+        "dm_pix": "dm-pix",
     },
 }
 
