@@ -1,6 +1,7 @@
 """FixMatch train step with and without AdaDEM: ms per step, images per second, ratio.
 
   python -m bench.ssl [--batch 16] [--uratio 7] [--size 28] [--steps 20] [--repeats 5]
+  python -m bench.ssl --views docs/ssl_views.png    # the figure of weak and strong views
 
 One compiled step per batch (as in experiments.ssl), the two rows timed
 round-robin so that load on a shared machine hits both alike; the median of
@@ -21,6 +22,27 @@ from dem_jax.engine import train as train_lib
 from dem_jax.tasks import ssl
 
 
+def plot_views(path: str) -> None:
+    """Eight Fashion-MNIST test images, their weak and their strong views (key 0)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from dem_jax import data
+    from dem_jax.data import augment
+    x = data.load("fashion_mnist", "test").images[:8]
+    keys = jax.random.split(jax.random.key(0), 8)
+    rows = (x, np.asarray(augment.weak(keys, x, flip=True)),
+            np.asarray(augment.strong(keys, x, flip=True)))
+    fig, ax = plt.subplots(3, 8, figsize=(8, 3.2))
+    for r, images in enumerate(rows):
+        for i in range(8):
+            ax[r, i].imshow(images[i, ..., 0], cmap="gray", vmin=0, vmax=1)
+            ax[r, i].axis("off")
+        ax[r, 0].set_title(("original", "weak", "strong")[r], fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -28,7 +50,11 @@ def main():
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--views", default="", help="write the views figure here and stop")
     args = parser.parse_args()
+    if args.views:
+        plot_views(args.views)
+        return
     model = train_lib.build_model("cnn", 10, (("hidden", 64), ("width", 16)))
     rng = np.random.default_rng(0)
     shape = (args.size, args.size, 1)
