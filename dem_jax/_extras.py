@@ -18,6 +18,7 @@ EXTRAS: dict[str, dict[str, str]] = {
         "skimage": "scikit-image", "matplotlib": "matplotlib", "PIL": "pillow",
         "fontTools": "fonttools",
         "tqdm": "tqdm", "scipy": "scipy", "tensorboardX": "tensorboardX",
+        "dm_pix": "dm-pix",
     },
 }
 

@@ -91,7 +91,8 @@ def test_each_bad_value_is_named_by_the_spec(field, value, message):
 
 
 EXPERIMENTS = {"tta": ("default.py", specs.TTA), "uda": ("uda_default.py", specs.UDA),
-               "noisy_labels": ("noisy_default.py", specs.NOISY)}
+               "noisy_labels": ("noisy_default.py", specs.NOISY),
+               "ssl": ("ssl_default.py", specs.SSL)}
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
