@@ -12,4 +12,6 @@ def get_config():
     c = default.get_config()
     c.rows = tuple(c.rows) + ("tent+em", "tent+adadem", "eta+em", "eta+adadem", "eata+em",
                               "eata+adadem", "sar+em", "sar+adadem", "deyo+em", "deyo+adadem")
+    c.dem_star.tau_step = 0.1             # the paper's DEM* grid: 20 x 21 points
+    c.dem_star.alpha_step = 0.1
     return c
