@@ -91,3 +91,41 @@ def plot_prediction_histogram(path: str, counts: Mapping[str, Sequence[int]], *,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_diagnostics(path: str, lrs: Sequence[float],
+                     diagnostics: Mapping[str, Mapping[str, Mapping[str, float]]], *,
+                     title: str = "") -> None:
+    """Per loss, over the learning rate: accuracy against lr and against lr x the mean
+    parameter-gradient norm (the size of a step), and the stream means of delta,
+    max probability, the logit-gradient L1 norm and the MEC diagonal.
+
+    `diagnostics[loss][str(lr)]`: {"accuracy", "delta", "max_prob",
+    "logit_grad_l1", "param_grad_norm", "mec_diag"}.
+    """
+    panels = (("accuracy", "accuracy (%)"), ("step", "accuracy (%) vs lr x |grad theta|"),
+              ("delta", "mean delta"), ("max_prob", "mean max probability"),
+              ("logit_grad_l1", "mean |dL/dz|_1"), ("mec_diag", "mean MEC diagonal"))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for name, per_lr in diagnostics.items():
+        d = [per_lr[str(lr)] for lr in lrs]
+        acc = 100 * np.array([x["accuracy"] for x in d])
+        for ax, (key, label) in zip(axes.flat, panels):
+            if key == "accuracy":
+                ax.plot(lrs, acc, "-o", label=name)
+            elif key == "step":
+                ax.plot(np.array(lrs) * np.array([x["param_grad_norm"] for x in d]), acc, "-o",
+                        label=name)
+            else:
+                ax.plot(lrs, [x[key] for x in d], "-o", label=name)
+            ax.set_xscale("log")
+            ax.set_title(label, fontsize=9)
+            ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("learning rate")
+    axes[0, 1].set_xlabel("lr x mean parameter-gradient norm")
+    fig.suptitle(title or "Diagnostics over the learning rate (single-domain)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

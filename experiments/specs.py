@@ -67,6 +67,9 @@ TTA = {
     "fisher_alpha": "float >= 0",
     "sar_rho": "float > 0",
     "sar_reset": "float >= 0",
+    "deyo_margin": "float > 0",
+    "plpd_threshold": "float in [-1, 1]",
+    "patch_len": "int >= 1",
 }
 
 UDA = {

@@ -247,7 +247,8 @@ def dem_star_search(exp: PairExperiment, method: str) -> dict:
     """
     c = exp.config
     d = c.dem_star
-    grid = protocol.dem_grid(d.tau_step, d.alpha_step, d.tau_max, d.alpha_max)
+    grid = protocol.dem_grid(d.tau_step, d.alpha_step, d.tau_max, d.alpha_max,
+                             prop_a1_only=True)
     runner = exp.runner(method, "dem", grid=True)
     chunk = min(d.grid_chunk, len(grid))
     accs = []

@@ -4,6 +4,7 @@ Everything runs on 8x8 digits with a tiny CNN so that compiles stay cheap.
 """
 
 import dataclasses
+import functools
 import os
 
 import chex
@@ -71,15 +72,21 @@ def tree_finite(tree):
                if jnp.issubdtype(x.dtype, jnp.floating))
 
 
-@pytest.mark.parametrize("method", methods.METHODS)
-@pytest.mark.parametrize("loss", objectives.LOSSES)
-def test_every_method_with_every_loss_runs(source, digits, method, loss):
+# Every loss with Tent, every method with one loss (the loss plug-in is the same
+# code for every method): the full product would compile 49 programs.
+METHOD_LOSS = ([("tent", loss) for loss in objectives.LOSSES]
+               + [("noadapt", "em"), ("bn", "em"), ("eta", "adadem"), ("eata", "dem"),
+                  ("sar", "adadem_mec"), ("deyo", "adadem")])
+
+
+@pytest.mark.parametrize("method,loss", METHOD_LOSS)
+def test_every_method_and_every_loss_runs(source, digits, method, loss):
     model, variables = source
     images, labels = protocol.stream(domain(digits[1], n=64), 0, 0, 16)
-    filters = method in ("eta", "eata", "sar")
-    cfg = methods.AdaptConfig(method=method, loss=loss, fisher_alpha=1.0,
-                              e_margin=half_margin(model, variables, images[0]) if filters
-                              else 0.4)
+    filters = method in methods.FILTER_METHODS
+    margin = half_margin(model, variables, images[0]) if filters else 0.4
+    cfg = methods.AdaptConfig(method=method, loss=loss, fisher_alpha=1.0, e_margin=margin,
+                              deyo_margin=margin, plpd_threshold=-1.0, d_margin=2.0)
     fisher = (methods.compute_fisher(model, variables, digits[0].images[:64], batch_size=32)
               if method == "eata" else None)
     state = methods.init_state(variables, cfg, NUM_CLASSES, lr=0.05, tau=1.3, alpha=0.8,
@@ -113,8 +120,8 @@ def test_tent_trains_only_normalisation_affine_parameters(source):
 
 def test_filters_with_no_sample_passing_give_a_finite_zero_update(source, digits):
     model, variables = source
-    for method in ("eta", "eata", "sar"):
-        cfg = methods.AdaptConfig(method=method, loss="adadem", e_margin=0.0,
+    for method in methods.FILTER_METHODS:
+        cfg = methods.AdaptConfig(method=method, loss="adadem", e_margin=0.0, deyo_margin=0.0,
                                   optimizer="adam")
         state = methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1)
         runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
@@ -201,13 +208,15 @@ def test_sar_step_equals_a_hand_written_reference(source, digits):
 
 
 @pytest.mark.parametrize("method,loss", [("tent", "adadem"), ("eata", "adadem"),
-                                         ("sar", "em"), ("bn", "em")])
+                                         ("sar", "em"), ("deyo", "adadem"), ("bn", "em")])
 def test_eight_devices_equal_one_device_on_the_global_batch(source, digits, method, loss):
     """BatchNorm statistics, the MEC and the filters are global across devices."""
     model, variables = source
     images, labels = protocol.stream(domain(digits[1], n=96), 0, 0, 32)
-    cfg = methods.AdaptConfig(method=method, loss=loss, fisher_alpha=1.0,
-                              e_margin=half_margin(model, variables, images[0]))
+    margin = half_margin(model, variables, images[0])
+    cfg = methods.AdaptConfig(method=method, loss=loss, fisher_alpha=1.0, e_margin=margin,
+                              deyo_margin=margin, plpd_threshold=0.0, d_margin=2.0,
+                              optimizer="sgd_momentum")
     fisher = jax.tree.map(lambda x: jnp.full_like(x, 0.01),
                           methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1).trainable)
     state = methods.init_state(variables, cfg, NUM_CLASSES, lr=0.1, fisher=fisher)
@@ -218,7 +227,7 @@ def test_eight_devices_equal_one_device_on_the_global_batch(source, digits, meth
         runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=devices, backend=backend)
         out[name] = runner(state, images, labels)
     ref_state, ref_metrics = out["1 device"]
-    if method in ("eata", "sar"):
+    if method in ("eata", "sar", "deyo"):
         selected = float(np.sum(ref_metrics["selected"]))
         assert 0 < selected < labels.size, (
             f"{method}: the filter selected {selected:.0f} of {labels.size} samples; the "
@@ -258,32 +267,39 @@ def test_domain_smaller_than_one_batch_is_a_clear_error(digits):
         protocol.stream(domain(digits[1], n=20), 0, 0, 30)
 
 
-def test_dem_grid_respects_prop_a1():
+def test_dem_grid_is_the_whole_square_or_prop_a1s_region():
     grid = protocol.dem_grid(0.1, 0.1)
-    assert np.all(losses.dem_valid(grid[:, 0], grid[:, 1])), "grid point outside Prop. A.1"
-    taus = np.round(np.arange(1, 21) * 0.1, 6)
-    alphas = np.round(np.arange(0, 21) * 0.1, 6)
-    expected = sum(losses.dem_valid(t, a) for t in taus for a in alphas)
-    assert len(grid) == expected and (2.0, 1.0) in {tuple(np.round(g, 6)) for g in grid}
+    assert len(grid) == 20 * 21 and [1.3, 1.8] in np.round(grid.astype(float), 4).tolist()
+    region = protocol.dem_grid(0.1, 0.1, prop_a1_only=True)
+    assert np.all(losses.dem_valid(region[:, 0], region[:, 1])), "point outside Prop. A.1"
+    assert len(region) == int(np.sum(losses.dem_valid(grid[:, 0], grid[:, 1])))
 
 
-def test_vmapped_grid_search_equals_a_loop(source, digits):
+def test_continual_grid_search_equals_a_loop_of_units(source, digits):
+    """DEM*'s vmapped continual search over several domains == one unit per grid point."""
     model, variables = source
     cfg = methods.AdaptConfig(loss="dem")
     grid = np.array([[0.5, 1.0], [1.3, 0.8], [2.0, 0.0]], np.float32)
-    images, labels = protocol.stream(domain(digits[1], n=64), 0, 0, 16)
-    base = methods.init_state(variables, cfg, NUM_CLASSES, lr=0.5)
+    doms = [domain(digits[1], c, n=32) for c in ("gaussian_noise", "fog")]
+    make = lambda: methods.init_state(variables, cfg, NUM_CLASSES, lr=0.5)
     vmapped = protocol.Runner(model, cfg, NUM_CLASSES, grid=True, devices=jax.devices()[:1])
-    accs = protocol.grid_accuracy(vmapped, base, images, labels, field="tau_alpha",
-                                  values=grid, chunk=2)  # 2 chunks, the last padded
+    out = protocol.grid_search(vmapped, make, doms, field="tau_alpha", values=grid,
+                               setting="continual", seed=0, batch_size=16,
+                               chunk=2)  # 2 chunks, the last padded
     single = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
-    looped = []
-    for tau, alpha in grid:
-        state = base.replace(hyper=base.hyper._replace(tau=jnp.float32(tau),
-                                                       alpha=jnp.float32(alpha)))
-        looped.append(protocol.accuracy(single(state, images, labels)[1]))
-    np.testing.assert_allclose(accs, looped, atol=1e-6,
-                               err_msg="vmapped DEM* grid differs from a loop over the grid")
+    looped = [list(protocol.run_domains(single, make, doms, setting="continual", seed=0,
+                                        batch_size=16, hyper_per_domain=[
+                                            {"tau": t, "alpha": a}] * 2)["accuracy"].values())
+              for t, a in grid]
+    np.testing.assert_allclose(out["accuracy"], looped, atol=1e-6,
+                               err_msg="vmapped continual search differs from a loop")
+    chosen = protocol.dem_star_search(vmapped, make, doms, grid, setting="continual",
+                                      batch_size=16, chunk=2)
+    means = np.mean(looped, -1)
+    tied = [i for i in range(len(grid)) if means[i] >= means.max() - 1e-9]
+    best = min(tied, key=lambda i: float(np.abs(grid[i] - 1.0).sum()))  # ties: nearest EM
+    assert {(h["tau"], h["alpha"]) for h in chosen} == {tuple(map(float, grid[best]))}, \
+        "DEM* must choose one pair for every domain, the best mean over domains"
 
 
 def test_continual_unit_resumes_to_the_same_result(source, digits, tmp_path, save_log):
@@ -342,3 +358,180 @@ def test_bad_adaptation_config_is_a_clear_error(kwargs, match):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         data.load("fashion_mnist", "test", data_dir=str(tmp_path))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, state, trainable, x):
+    """Logits with BatchNorm on the batch, for one device (x: `[1, B, ...]`)."""
+    def f(t, xb):
+        params = partition.merge(t, state.frozen)
+        return model.apply({"params": params, "batch_stats": state.batch_stats}, xb,
+                           train=True, mutable=["batch_stats"])[0]
+    return jax.vmap(f, in_axes=(None, 0), axis_name=parallel.AXIS)(trainable, x)[0]
+
+
+def _entropy(logits):
+    return -jnp.sum(jax.nn.softmax(logits) * jax.nn.log_softmax(logits), -1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _grad_of_mean(model, state, trainable, x, keep, weights=None):
+    """Gradient of the (weighted) mean entropy over `keep`, written plainly."""
+    def obj(t):
+        h = _entropy(_apply(model, state, t, x))
+        w = jnp.ones_like(h) if weights is None else weights
+        return jnp.sum(jnp.where(keep, w * h, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+    return jax.grad(obj)(trainable)
+
+
+def _cut_in_half(values):
+    """A threshold midway between the two middle values (no ties with rounding)."""
+    v = np.sort(values)
+    return float(v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def _sgd(trainable, grads, lr):
+    return jax.tree.map(lambda t, g: t - lr * g, trainable, grads)
+
+
+@pytest.fixture(scope="module")
+def four_batches(digits):
+    return protocol.stream(domain(digits[1], n=96), 0, 0, 32)
+
+
+def test_eata_redundancy_filter_and_moving_average_over_batches(source, four_batches):
+    """EATA over 3 batches (the redundancy filter acts from the 2nd) vs a plain reference."""
+    model, variables = source
+    images, labels = four_batches
+    margin = half_margin(model, variables, images[0])
+    thr, lr = margin * np.log(NUM_CLASSES), 0.5
+
+    def reference(d_margin, batches=len(images)):
+        cfg = methods.AdaptConfig(method="eata", loss="em", optimizer="sgd", e_margin=margin)
+        state = methods.init_state(variables, cfg, NUM_CLASSES, lr=lr)
+        t, ema, selected, cos_seen = state.trainable, None, [], []
+        for b in range(batches):
+            x = images[b][None]
+            logits = _apply(model, state, t, x)
+            h, p = _entropy(logits), jax.nn.softmax(logits)
+            keep = h < thr
+            if ema is not None:
+                cos = p @ ema / (jnp.linalg.norm(p, axis=-1) * jnp.linalg.norm(ema))
+                cos_seen.append(np.asarray(cos[keep]))
+                keep = keep & (jnp.abs(cos) < d_margin)
+            if int(keep.sum()):
+                g = _grad_of_mean(model, state, t, x, keep, jnp.exp(-(h - thr)))
+                t = _sgd(t, g, lr)
+                mean = jnp.sum(jnp.where(keep[:, None], p, 0), 0) / keep.sum()
+                ema = mean if ema is None else 0.9 * ema + 0.1 * mean
+            selected.append(int(keep.sum()))
+        return t, ema, selected, cos_seen
+
+    _, _, _, cos_seen = reference(2.0, 2)  # the filter off: where it would cut
+    d_margin = _cut_in_half(cos_seen[0])  # about half of batch 2 is redundant
+    expected, ema, selected, _ = reference(d_margin)
+    cfg = methods.AdaptConfig(method="eata", loss="em", optimizer="sgd", e_margin=margin,
+                              d_margin=d_margin)
+    runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
+    new, metrics = runner(methods.init_state(variables, cfg, NUM_CLASSES, lr=lr), images,
+                          labels)
+    assert 0 < selected[1] < metrics["kept_entropy"][1], "batch 2's redundancy filter idle"
+    np.testing.assert_array_equal(metrics["selected"], selected)
+    chex.assert_trees_all_close(new.trainable, expected, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(new.ema_probs, ema, atol=1e-6)
+
+
+def test_sar_moving_average_and_reset_over_batches(source, four_batches):
+    """SAR over 3 batches with a threshold that resets after the 1st: vs a plain reference."""
+    model, variables = source
+    images, labels = four_batches
+    margin = half_margin(model, variables, images[0])
+    thr, lr, rho, log_c = margin * np.log(NUM_CLASSES), 0.5, 0.5, np.log(NUM_CLASSES)
+
+    def reference(sar_reset):
+        cfg = methods.AdaptConfig(method="sar", loss="em", optimizer="sgd", e_margin=margin)
+        state = methods.init_state(variables, cfg, NUM_CLASSES, lr=lr)
+        t, ema, emas, resets = state.trainable, None, [], []
+        for b in range(len(images)):
+            x = images[b][None]
+            keep1 = _entropy(_apply(model, state, t, x)) < thr
+            g1 = _grad_of_mean(model, state, t, x, keep1)
+            norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(g1)))
+            perturbed = jax.tree.map(lambda a, g: a + rho / norm * g, t, g1)
+            h2 = _entropy(_apply(model, state, perturbed, x))
+            keep2 = keep1 & (h2 < thr)
+            if int(keep2.sum()):
+                t = _sgd(t, _grad_of_mean(model, state, perturbed, x, keep2), lr)
+                ent2 = float(jnp.sum(jnp.where(keep2, h2, 0)) / keep2.sum())
+                ema = ent2 if ema is None else 0.9 * ema + 0.1 * ent2
+            emas.append(ema)
+            resets.append(int(ema is not None and ema < sar_reset * log_c))
+            if resets[-1]:
+                t, ema = state.anchor, None
+        return t, emas, resets
+
+    _, emas, _ = reference(0.0)
+    assert min(emas[1:]) < emas[0], f"SAR's entropy average never fell: {emas}"
+    sar_reset = (emas[0] + min(emas[1:])) / 2 / log_c
+    expected, _, resets = reference(sar_reset)
+    assert resets[0] == 0 and sum(resets) >= 1, resets
+    cfg = methods.AdaptConfig(method="sar", loss="em", optimizer="sgd", e_margin=margin,
+                              sar_rho=rho, sar_reset=sar_reset)
+    runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
+    new, metrics = runner(methods.init_state(variables, cfg, NUM_CLASSES, lr=lr), images,
+                          labels)
+    np.testing.assert_array_equal(metrics["resets"], resets)
+    chex.assert_trees_all_close(new.trainable, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_deyo_filters_and_weights_over_batches(source, four_batches):
+    """DeYO over 3 batches: entropy filter, PLPD filter on patch-shuffled views, weights."""
+    model, variables = source
+    images, labels = four_batches
+    margin = half_margin(model, variables, images[0])
+    lr, log_c, e0 = 0.5, np.log(NUM_CLASSES), 0.4 * np.log(NUM_CLASSES)
+
+    def reference(plpd_threshold, batches=len(images)):
+        cfg = methods.AdaptConfig(method="deyo", loss="em", optimizer="sgd")
+        state = methods.init_state(variables, cfg, NUM_CLASSES, lr=lr)
+        t, kept, selected, plpds = state.trainable, [], [], []
+        for b in range(batches):
+            x = images[b][None]
+            logits = _apply(model, state, t, x)
+            h, p = _entropy(logits), jax.nn.softmax(logits)
+            view = methods.patch_shuffle(images[b], jax.random.fold_in(jax.random.key(0), b), 4)
+            p_view = jax.nn.softmax(_apply(model, state, t, view[None]))
+            yhat = jnp.argmax(p, -1)
+            rows = jnp.arange(len(yhat))
+            plpd = p[rows, yhat] - p_view[rows, yhat]
+            keep1 = h < margin * log_c
+            plpds.append(np.asarray(plpd[keep1]))
+            keep = keep1 & (plpd > plpd_threshold)
+            weights = jnp.exp(-(h - e0)) + jnp.exp(plpd)
+            if int(keep.sum()):
+                t = _sgd(t, _grad_of_mean(model, state, t, x, keep, weights), lr)
+            kept.append(int(keep1.sum()))
+            selected.append(int(keep.sum()))
+        return t, kept, selected, plpds
+
+    _, _, _, plpds = reference(-1.0, 1)
+    threshold = _cut_in_half(plpds[0])
+    expected, kept, selected, _ = reference(threshold)
+    assert 0 < selected[0] < kept[0] < labels.shape[1], (selected, kept)
+    cfg = methods.AdaptConfig(method="deyo", loss="em", optimizer="sgd", deyo_margin=margin,
+                              plpd_threshold=threshold)
+    runner = protocol.Runner(model, cfg, NUM_CLASSES, devices=jax.devices()[:1])
+    new, metrics = runner(methods.init_state(variables, cfg, NUM_CLASSES, lr=lr), images,
+                          labels)
+    np.testing.assert_array_equal(metrics["kept_entropy"], kept)
+    np.testing.assert_array_equal(metrics["selected"], selected)
+    chex.assert_trees_all_close(new.trainable, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_patch_shuffle_permutes_whole_patches():
+    x = jnp.arange(2 * 9 * 8 * 1, dtype=jnp.float32).reshape(2, 9, 8, 1)
+    y = methods.patch_shuffle(x, jax.random.key(3), 4)
+    np.testing.assert_array_equal(y[:, 8:], x[:, 8:])  # the row past the 4 x 2 grid stays
+    patches = lambda a: sorted(map(tuple, np.asarray(a[:, :8]).reshape(2, 4, 2, 4, 2)
+                                   .transpose(0, 1, 3, 2, 4).reshape(2, 16, 4)[0]))
+    assert patches(y) == patches(x) and not np.array_equal(y, x)

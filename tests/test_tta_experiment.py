@@ -41,11 +41,21 @@ def test_experiment_writes_results_and_resumes(tmp_path, save_log):
             assert set(r["per_corruption"]) == set(config.corruptions)
             assert 0.0 <= r["mean"] <= 1.0 and r["std"] >= 0.0
             assert len(r["per_seed_mean"]) == 2
-    chosen = saved["dem_star"]["chosen"]
-    assert len(chosen) == 2 and all(h["alpha"] * h["tau"] <= 2.0 for h in chosen)
-    assert set(saved["lr_sweep"]["accuracy"]) >= {"em", "adadem"}
+    for setting in ("single", "continual"):
+        chosen = saved["dem_star"]["chosen"][setting]["tent_dagger"]
+        assert len(chosen) == 2 and len({(h["tau"], h["alpha"]) for h in chosen}) == 1
+        # Every row scored on the same evaluation images: the split's rest.
+        counts = {row: saved[setting][row]["num_examples"] for row in config.rows}
+        first = counts[config.rows[0]]
+        assert all(v == first for v in counts.values()), counts
+        for c, n in first.items():  # whole batches of the evaluation part
+            assert 0 <= saved["split"]["evaluation"][c] - n < config.batch_size
+    assert set(saved["lr_sweep"]["accuracy"]["single"]["tent_dagger"]) >= {"em", "adadem"}
+    assert set(saved["learning_rates"]["continual"]["tent_dagger"]) == {"em", "adadem"}
+    diag = saved["diagnostics"]["adadem"]["0.1"]
+    assert diag["delta"] >= 1.0 and 0 < diag["max_prob"] <= 1 and diag["param_grad_norm"] > 0
     md = open(os.path.join(workdir, "results.md")).read()
-    assert "| adadem |" in md and "mean ± std" in md
+    assert "| Tent† + adadem |" in md and "mean ± std" in md
     means = {row: saved["single"][row]["mean"] for row in config.rows}
     assert len(set(means.values())) > 1, f"every row has the same accuracy: {means}"
     # A finished run restarted with the same command loads every unit: same results,
@@ -70,6 +80,8 @@ def test_experiment_writes_results_and_resumes(tmp_path, save_log):
     (dict(data="fashion_mnist", data_dir="/nonexistent"), FileNotFoundError, "apt-get"),
     (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
     (dict(max_test_examples=60), ValueError, "less than two adaptation batches"),
+    (dict(lr_sweep_seed=1), ValueError, "one of the reported seeds"),
+    (dict(rows=("deyo+dem_star", "nope+em")), ValueError, "Unknown method"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, change, error, match):
     config = tiny_config()

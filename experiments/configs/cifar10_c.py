@@ -19,7 +19,6 @@ def get_config():
     c.source.learning_rate = 0.1
     c.source.augment = "crop_flip"
     c.batch_size = 128
-    c.d_margin = 0.4
     c.fisher_size = 2000
     c.dem_star.tau_step = 0.1
     c.dem_star.alpha_step = 0.1

@@ -6,8 +6,11 @@ continual settings, DEM*'s oracle search and the learning-rate sweep.
   cut into batches (the seed changes the batch order, nothing else).
 * Single-domain: model, optimiser state and MEC reset before each domain.
   Continual: one pass over the domains in the paper's order, no reset.
-* DEM* chooses (tau, alpha) per domain on a fixed labelled 20% of it and is
-  scored on the other 80% (`labelled_split`).
+* Every domain is split once into a labelled part (a fixed, seeded random
+  `fraction` of it, whole batches) and an evaluation part (`labelled_split`).
+  Every row is scored on the evaluation parts; the labelled parts serve only
+  DEM*'s search of one (tau, alpha) per method and setting (`grid_search`,
+  the paper's Table 11).
 * Every batch of a stream runs one compiled step (dispatched asynchronously,
   the metrics fetched once per stream); a grid of hyperparameters (learning
   rates, DEM*'s (tau, alpha)) is a leading axis of the state, vmapped, so the
@@ -62,11 +65,12 @@ def stream(domain: Domain, index: int, seed: int,
 
 def labelled_split(domain: Domain, index: int, fraction: float, batch_size: int,
                    *, split_seed: int = 12345) -> tuple[Domain, Domain]:
-    """DEM*'s split of a domain: a labelled `fraction` and the rest.
+    """A domain's (labelled part, evaluation part): a seeded random `fraction` and the rest.
 
-    The split is fixed (it does not depend on the run's seed), so DEM*'s search
-    runs once per domain and every seed is scored on the same, disjoint rest.
-    The labelled part is rounded to whole batches (at least one).
+    The split is fixed (`default_rng([split_seed, index])`, not the run's
+    seed): every row and seed is scored on the same evaluation part, and the
+    labelled part is used by DEM*'s search only. The labelled part is rounded
+    to whole batches (at least one).
     """
     n = len(domain.labels)
     k = min(n - batch_size, max(batch_size, int(round(fraction * n / batch_size)) * batch_size))
@@ -126,7 +130,7 @@ class Runner:
         metrics = {k: np.stack([m[k] for m in out], axis=1) for k in out[0]}
         # [dev, nb, (grid,) ...] -> [(grid,) nb, ...]
         out = {k: np.asarray(v) for k, v in parallel.unreplicate(
-            {k: metrics[k] for k in ("correct", "count", "loss", "selected")}).items()}
+            {k: v for k, v in metrics.items() if k != "preds"}).items()}
         preds = np.moveaxis(np.asarray(metrics["preds"]), 0, -2)  # [nb, (grid,) dev, b/dev]
         preds = preds.reshape(*preds.shape[:-2], -1)
         if jax.process_count() > 1:  # [process, nb, (grid,) B/P]: the columns in order
@@ -162,12 +166,14 @@ def run_domains(runner: Runner, make_state: Callable[[], Any], domains: Sequence
       hyper_per_domain: optional {"tau": .., "alpha": ..} per domain (DEM*).
 
     Returns:
-      {"accuracy": {domain: acc}, "num_examples": {domain: n}, "pred_counts": [C]}.
+      {"accuracy": {domain: acc}, "num_examples": {domain: n}, "pred_counts": [C],
+       "filters": {domain: {"kept_entropy": fraction, "selected": fraction,
+                            "resets": n}}}.
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}.")
     state = make_state()
-    result = {"accuracy": {}, "num_examples": {}, "pred_counts": None}
+    result = {"accuracy": {}, "num_examples": {}, "pred_counts": None, "filters": {}}
     # Single-domain units restart from the source model at every domain, so
     # their progress is just the finished domains' results (a small JSON);
     # continual units also need the adapted state (an orbax checkpoint).
@@ -192,7 +198,12 @@ def run_domains(runner: Runner, make_state: Callable[[], Any], domains: Sequence
         images, labels = stream(domain, i, seed, batch_size)
         state, metrics = runner(state, images, labels)
         result["accuracy"][domain.name] = float(accuracy(metrics))
-        result["num_examples"][domain.name] = int(metrics["count"].sum())
+        n = int(metrics["count"].sum())
+        result["num_examples"][domain.name] = n
+        result["filters"][domain.name] = {
+            "kept_entropy": float(metrics["kept_entropy"].sum()) / n,
+            "selected": float(metrics["selected"].sum()) / n,
+            "resets": int(metrics["resets"].sum())}
         counts = np.bincount(metrics["preds"].reshape(-1),
                              minlength=state.mec.shape[0]).tolist()
         prev = result["pred_counts"]
@@ -207,74 +218,138 @@ def run_domains(runner: Runner, make_state: Callable[[], Any], domains: Sequence
 
 
 def dem_grid(tau_step: float = 0.1, alpha_step: float = 0.1, tau_max: float = 2.0,
-             alpha_max: float = 2.0) -> np.ndarray:
-    """DEM*'s grid: tau in {step, .., tau_max}, alpha in {0, .., alpha_max}, inside Prop. A.1.
+             alpha_max: float = 2.0, *, prop_a1_only: bool = False) -> np.ndarray:
+    """DEM*'s grid: tau in {step, .., tau_max}, alpha in {0, .., alpha_max}.
+
+    The whole square, as the paper searches it (its Tent-ViT optimum (1.3, 1.8)
+    lies outside Prop. A.1's region); `prop_a1_only` keeps the region only.
 
     Returns:
       float32 `[G, 2]` (tau, alpha) pairs.
+
+    Example:
+      >>> dem_grid().shape     # 20 x 21
+      (420, 2)
     """
     taus = np.round(np.arange(1, int(round(tau_max / tau_step)) + 1) * tau_step, 6)
     alphas = np.round(np.arange(0, int(round(alpha_max / alpha_step)) + 1) * alpha_step, 6)
     pairs = np.array([(t, a) for t in taus for a in alphas], np.float32)
+    if not prop_a1_only:
+        return pairs
     keep = losses.dem_valid(pairs[:, 0].astype(np.float64), pairs[:, 1].astype(np.float64))
     return pairs[keep]
 
 
+DIAGNOSTICS = ("delta", "max_prob", "logit_grad_l1", "param_grad_norm", "mec_diag")
+
+
+def _with_hyper(state, field: str, v):
+    h = state.hyper
+    h = h._replace(lr=jnp.float32(v)) if field == "lr" else h._replace(
+        tau=jnp.float32(v[0]), alpha=jnp.float32(v[1]))
+    return state.replace(hyper=h)
+
+
+def grid_search(runner: Runner, make_state: Callable[[], Any], domains: Sequence[Domain], *,
+                field: str, values: np.ndarray, setting: str, seed: int, batch_size: int,
+                chunk: int, desc: str = "") -> dict:
+    """Online accuracy of every grid point over `domains`, `chunk` points per program.
+
+    `field` is "lr" (values [G]) or "tau_alpha" (values [G, 2]). Single-domain:
+    every point restarts from `make_state()` at each domain; continual: one
+    pass over the domains in order, never told where a domain changes. Every
+    chunk has the same size (the last is padded by repeating a point) so the
+    program compiles once.
+
+    Returns:
+      {"accuracy": [G, D] per domain, and, for every diagnostic the runner's
+       step reports (`DIAGNOSTICS`), its mean over the batches `[G]`}.
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}.")
+    assert runner.grid, "grid_search needs a Runner built with grid=True"
+    values = np.asarray(values, np.float32)
+    chunk = min(chunk, len(values))
+    acc, diag = [], {}
+    for lo in reporting.progress(range(0, len(values), chunk), desc=desc):
+        part = values[lo:lo + chunk]
+        pad = chunk - len(part)
+        vals = np.concatenate([part, np.repeat(part[-1:], pad, 0)]) if pad else part
+        base = make_state()
+        state = None
+        accs, sums = [], {}
+        for i, domain in enumerate(domains):
+            if state is None or setting == "single":
+                state = stack_states([_with_hyper(base, field, v) for v in vals])
+            images, labels = stream(domain, i, seed, batch_size)
+            state, metrics = runner(state, images, labels)
+            accs.append(accuracy(metrics)[:len(part)])
+            for k in DIAGNOSTICS:
+                if k in metrics:
+                    sums.setdefault(k, []).append(metrics[k][:len(part)])
+        acc.append(np.stack(accs, -1))
+        for k, v in sums.items():
+            diag.setdefault(k, []).append(np.concatenate(v, -1).mean(-1))
+    return {"accuracy": np.concatenate(acc), **{k: np.concatenate(v) for k, v in diag.items()}}
+
+
 def grid_accuracy(runner: Runner, base_state, images, labels, *, field: str,
                   values: np.ndarray, chunk: int) -> np.ndarray:
-    """Online accuracy of one stream for every grid point, `chunk` points per program.
-
-    `field` is "lr" (values [G]) or "tau_alpha" (values [G, 2]). Every chunk
-    has the same size (the last is padded by repeating a point) so the program
-    compiles once.
-    """
-    assert runner.grid, "grid_accuracy needs a Runner built with grid=True"
-    chunk = min(chunk, len(values))
+    """Online accuracy of one stream `[num_batches, batch, ...]` for every grid point `[G]`."""
     out = []
+    values = np.asarray(values, np.float32)
+    chunk = min(chunk, len(values))
     for lo in range(0, len(values), chunk):
         part = values[lo:lo + chunk]
         pad = chunk - len(part)
         vals = np.concatenate([part, np.repeat(part[-1:], pad, 0)]) if pad else part
-        states = []
-        for v in vals:
-            h = base_state.hyper
-            h = h._replace(lr=jnp.float32(v)) if field == "lr" else h._replace(
-                tau=jnp.float32(v[0]), alpha=jnp.float32(v[1]))
-            states.append(base_state.replace(hyper=h))
-        _, metrics = runner(stack_states(states), images, labels)
+        _, metrics = runner(stack_states([_with_hyper(base_state, field, v) for v in vals]),
+                            images, labels)
         out.append(accuracy(metrics)[:len(part)])
     return np.concatenate(out)
 
 
-def lr_sweep(runner: Runner, make_state, domains: Sequence[Domain], lrs: np.ndarray, *,
-             seed: int, batch_size: int, chunk: int, desc: str = "") -> np.ndarray:
-    """Single-domain mean accuracy over `domains` for every learning rate `[len(lrs)]`."""
-    accs = []
-    for i in reporting.progress(range(len(domains)), desc=desc):
-        images, labels = stream(domains[i], i, seed, batch_size)
-        accs.append(grid_accuracy(runner, make_state(), images, labels, field="lr",
-                                  values=np.asarray(lrs, np.float32), chunk=chunk))
-    return np.mean(accs, axis=0)
+def choose_dem_star(grid: np.ndarray, accuracy: np.ndarray) -> int:
+    """The index of the best (tau, alpha) by `accuracy` `[G]`; ties go to the point
+    nearest EM's (1, 1), so that a flat search falls back to EM, not a corner."""
+    best = np.flatnonzero(accuracy >= accuracy.max() - 1e-9)
+    return int(best[np.argmin(np.abs(grid[best] - 1.0).sum(-1))])
 
 
 def dem_star_search(runner: Runner, make_state, labelled: Sequence[Domain], grid: np.ndarray,
-                    *, batch_size: int, chunk: int, desc: str = "") -> list[dict]:
-    """DEM*: per domain, the (tau, alpha) with the best online accuracy on its labelled split.
+                    *, setting: str, batch_size: int, chunk: int, per_domain: bool = False,
+                    seed: int = 0, desc: str = "") -> list[dict]:
+    """DEM*: the (tau, alpha) with the best mean online accuracy over the labelled parts.
 
-    Ties (common on small splits) go to the point nearest EM's (1, 1), so a
-    flat search falls back to EM rather than to a corner of the grid.
+    One pair for all domains (the paper's Table 11), by the mean over domains
+    of the `setting`'s stream over the labelled parts (continual: in order,
+    never reset). `per_domain` (a departure from the paper) chooses each
+    domain's own pair on its labelled part, single-domain.
+
+    Returns:
+      One {"tau", "alpha", "search_accuracy", "labelled_examples"} per domain
+      (the same pair for every domain unless `per_domain`).
     """
-    chosen = []
-    for i in reporting.progress(range(len(labelled)), desc=desc):
-        images, labels = stream(labelled[i], i, 0, batch_size)
-        accs = grid_accuracy(runner, make_state(), images, labels, field="tau_alpha",
-                             values=grid, chunk=chunk)
-        best = np.flatnonzero(accs >= accs.max() - 1e-9)
-        best = best[np.argmin(np.abs(grid[best] - 1.0).sum(-1))]
-        chosen.append({"tau": float(grid[best, 0]), "alpha": float(grid[best, 1]),
-                       "search_accuracy": float(accs[best]),
-                       "labelled_examples": int(len(labelled[i].labels))})
-    return chosen
+    n_lab = [int(len(d.labels)) // batch_size * batch_size for d in labelled]
+    if per_domain:
+        chosen = []
+        for i, d in enumerate(labelled):
+            # Each domain keeps its own index, so its stream order is the one the
+            # single-domain search of all domains would draw.
+            images, labels = stream(d, i, seed, batch_size)
+            accs = grid_accuracy(runner, make_state(), images, labels, field="tau_alpha",
+                                 values=grid, chunk=chunk)
+            b = choose_dem_star(grid, accs)
+            chosen.append({"tau": float(grid[b, 0]), "alpha": float(grid[b, 1]),
+                           "search_accuracy": float(accs[b]), "labelled_examples": n_lab[i]})
+        return chosen
+    out = grid_search(runner, make_state, labelled, field="tau_alpha", values=grid,
+                      setting=setting, seed=seed, batch_size=batch_size, chunk=chunk, desc=desc)
+    mean = out["accuracy"].mean(-1)
+    b = choose_dem_star(grid, mean)
+    return [{"tau": float(grid[b, 0]), "alpha": float(grid[b, 1]),
+             "search_accuracy": float(mean[b]), "labelled_examples": n}
+            for n in n_lab]
 
 
 def check_stream_sizes(domains: Sequence[Domain], batch_size: int) -> dict:
