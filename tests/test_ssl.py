@@ -156,3 +156,30 @@ def test_eight_devices_equal_one_device_mec_included(method):
         chex.assert_trees_all_close(new.mec, ref.mec, atol=1e-6)
         for k in ref_m:
             np.testing.assert_allclose(m[k], ref_m[k], atol=1e-5, rtol=1e-4)
+
+
+def test_experiment_resumes_to_the_same_result(tmp_path, save_log):
+    """Interrupted after its first checkpoint, the run redoes only what was not saved."""
+    from experiments import ssl_lib
+    from experiments.configs import ssl_default
+
+    c = ssl_default.get_config()
+    c.model_kwargs = {"width": 4, "hidden": 8}
+    c.rows = ("fixmatch+adadem",)
+    c.batch_size, c.steps, c.eval_every, c.eval_batch_size = 8, 4, 2, 512
+    one = jax.devices()[:1]
+    full = ssl_lib.run(c, str(tmp_path / "a"), devices=one)
+    full_saves = save_log.under(tmp_path / "a")
+    assert len(full_saves) == 2, full_saves  # one checkpoint per chunk
+    save_log.start(interrupt_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        ssl_lib.run(c, str(tmp_path / "b"), devices=one)
+    save_log.start()
+    resumed = ssl_lib.run(c, str(tmp_path / "b"), devices=one)
+    assert save_log.under(tmp_path / "b") == full_saves[1:], (
+        "the resumed run must redo only what was not checkpointed")
+    assert (tmp_path / "a" / "results.json").read_bytes() == (
+        tmp_path / "b" / "results.json").read_bytes()
+    assert resumed == full
+    for name in ("results.json", "results.md", "metrics.jsonl"):
+        assert (tmp_path / "a" / name).exists(), name
