@@ -14,6 +14,7 @@
 * `check_config(config, spec)`: the type and range of every numeric field and
   the element type of every tuple, from a per-experiment spec (`experiments.specs`),
   before any work; each experiment's `validate` calls it.
+* `start(argv)`: what every entry point does before importing its library.
 * `run(lib, config, workdir)`: validates, runs, and prints a configuration error
   or a `reporting.ClearError` (work directory, corrupt file) as one paragraph,
   without a traceback.
@@ -30,7 +31,9 @@ import re
 import sys
 from typing import Any
 
+from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_dict
 from ml_collections import config_flags
 
@@ -319,6 +322,22 @@ def check_config(config, spec: dict[str, str]) -> None:
     if messages:
         raise ConfigError(" ".join(messages) if len(messages) == 1 else
                           "Bad configuration: " + " ".join(messages))
+
+
+def start(argv: list[str]) -> None:
+    """What every entry point's `main` does before it imports its library (and JAX starts).
+
+    Refuses stray arguments and a missing --workdir, checks the config overrides,
+    joins the other hosts (before any JAX work) and quiets orbax's per-save INFO logs.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS.workdir:
+        raise app.UsageError("--workdir is required (where results and checkpoints go).")
+    check_overrides(flags.FLAGS["config"])
+    from dem_jax.engine import distributed  # imports jax, starts nothing
+    distributed.initialize_from_flags()  # before any JAX work
+    logging.set_verbosity(logging.WARNING)
 
 
 def run(lib, config, workdir: str) -> Any:

@@ -24,9 +24,7 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
-from dem_jax.engine import distributed  # imports jax, starts nothing
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -35,13 +33,7 @@ cli.define_flags(os.path.join(_HERE, "configs", "default.py"))  # --config, --wo
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required (where results and checkpoints go).")
-    cli.check_overrides(FLAGS["config"])
-    distributed.initialize_from_flags()  # before any JAX work
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    cli.start(argv)  # arguments, --workdir, overrides, hosts, logs
     from experiments import tta_lib  # after flag parsing: JAX starts here
     cli.run(tta_lib, FLAGS.config, FLAGS.workdir)  # clear errors, no traceback
 
