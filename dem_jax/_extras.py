@@ -20,6 +20,8 @@ EXTRAS: dict[str, dict[str, str]] = {
         "tqdm": "tqdm", "scipy": "scipy", "tensorboardX": "tensorboardX",
         "dm_pix": "dm-pix",
     },
+    # Reinforcement learning (dem_jax.tasks.rl, experiments.rl): MiniGrid in JAX.
+    "rl": {"xminigrid": "xminigrid"},
 }
 
 

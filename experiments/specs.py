@@ -148,3 +148,26 @@ SSL = {
     "usb.*.ema_p": "float in [0, 1)",
     "usb.*.ent_loss_ratio": "float >= 0",
 }
+
+RL = {
+    "envs": "nonempty tuple of str",
+    "total_steps": "nonempty tuple of int >= 1",
+    "num_steps": "nonempty tuple of int >= 1",
+    "eval_every": "nonempty tuple of int >= 1",
+    "seeds": SEEDS,
+    "bonuses": "nonempty tuple of str",
+    "ent_coefs": "nonempty tuple of float >= 0",
+    "ppo.num_envs": "int >= 1",
+    "ppo.minibatch_size": "int >= 1",
+    "ppo.epochs": "int >= 1",
+    "ppo.gamma": "float in [0, 1]",
+    "ppo.gae_lambda": "float in [0, 1]",
+    "ppo.clip": "float > 0",
+    "ppo.lr": "float > 0",
+    "ppo.vf_coef": "float >= 0",
+    "ppo.max_grad_norm": "float > 0",
+    "ppo.mec_momentum": MEC_MOMENTUM,
+    "ppo.hidden": "int >= 1",
+    "ppo.eval_episodes": "int >= 1",
+    "logging.every_steps": "int >= 1",
+}
