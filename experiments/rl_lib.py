@@ -12,6 +12,7 @@ the finished units, `curves_<ent_coef>.png` plots them.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -51,6 +52,13 @@ def ppo_config(config, i: int, bonus: str) -> rl.PPOConfig:
     p = dict(config.ppo)
     return rl.PPOConfig(env=config.envs[i], total_steps=int(config.total_steps[i]),
                         num_steps=int(config.num_steps[i]), bonus=bonus, **p)
+
+
+@functools.lru_cache(maxsize=8)
+def trainer_for(cfg: rl.PPOConfig) -> rl.Trainer:
+    """One Trainer (and its compiled programs) per PPOConfig: rows that differ only in
+    ent_coef, and a run resumed in the same process, compile nothing again."""
+    return rl.Trainer(cfg)
 
 
 def validate(config, devices=None) -> None:
@@ -95,7 +103,7 @@ def run_unit(config, workdir: str, i: int, row: str, log=None) -> dict:
     env = config.envs[i]
     bonus, ent_coef = parse_row(row)
     cfg = ppo_config(config, i, bonus)
-    trainer = rl.Trainer(cfg)
+    trainer = trainer_for(cfg)
     seeds = list(config.seeds)
     state = trainer.init(seeds)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "units", slug(env), slug(row)),
