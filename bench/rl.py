@@ -1,4 +1,4 @@
-"""Whole PPO training, dem_jax (6 seeds vmapped, one program) against Stable-Baselines3: env steps / s.
+"""Whole PPO training, dem_jax (6 seeds vmapped) against Stable-Baselines3: env steps / s, ratio.
 
   python -m bench.rl [--envs DoorKey-5x5 Empty-Random-5x5] [--seeds 6] [--updates 12]
                      [--repeats 3] [--sb3-python /work/sb3venv/bin/python] [--sb3-steps 20000]
@@ -16,7 +16,8 @@ Stable-Baselines3 side (only with `--sb3-python`, the interpreter of a separate
 venv that has `stable-baselines3`, `minigrid`, `gymnasium` and a CPU `torch`;
 they are NOT dem_jax dependencies):
 
-  python3 -m venv /work/sb3venv && /work/sb3venv/bin/pip install torch stable-baselines3 minigrid gymnasium
+  python3 -m venv /work/sb3venv
+  /work/sb3venv/bin/pip install torch stable-baselines3 minigrid gymnasium  # CPU torch wheel
 
 This file is then run by that interpreter (`--sb3-worker`, no dem_jax or jax
 import) to train `PPO("MlpPolicy")` on gymnasium's `MiniGrid-<env>-v0` with
@@ -173,7 +174,7 @@ def main():
           f"per seed; median of {args.repeats}; SB3: {args.sb3_steps} steps of one seed per run")
     print(f"versions: {json.dumps(versions)}\n")
     print("| env | dem_jax none steps/s | em | adadem | adadem / none | SB3 steps/s | "
-          "dem_jax none / SB3 | compile s (none, em, adadem) |")
+          f"dem_jax none / SB3 | compile s ({', '.join(args.bonuses)}) |")
     print("|---|---|---|---|---|---|---|---|")
     for env, r in results.items():
         rt = r["rates"]
