@@ -4,7 +4,7 @@
 
 DoorKey-5x5, Empty-Random-5x5 and Unlock: 1e5 steps, rollouts of 128; FourRooms:
 rollouts of 512 (RL-Zoo) and 1e6 steps, a fifth of RL-Zoo's 5e6 (`total_steps`
-override to run it all: --config.total_steps="(100000,100000,5000000,100000)").
+override to run it all: --config.total_steps="(100000,100000,100000,5000000)").
 """
 
 from experiments.configs import rl_default
@@ -12,10 +12,10 @@ from experiments.configs import rl_default
 
 def get_config():
     c = rl_default.get_config()
-    c.envs = ("DoorKey-5x5", "Empty-Random-5x5", "FourRooms", "Unlock")
-    c.total_steps = (100_000, 100_000, 1_000_000, 100_000)
-    c.num_steps = (128, 128, 512, 128)
-    c.eval_every = (10_240, 10_240, 65_536, 10_240)
+    c.envs = ("DoorKey-5x5", "Empty-Random-5x5", "Unlock", "FourRooms")
+    c.total_steps = (100_000, 100_000, 100_000, 1_000_000)
+    c.num_steps = (128, 128, 128, 512)
+    c.eval_every = (10_240, 10_240, 10_240, 65_536)
     c.seeds = (0, 1, 2, 3, 4, 5)
     c.ent_coefs = (0.001, 0.01)
     return c
