@@ -1,4 +1,4 @@
-r"""Reinforcement learning: PPO on MiniGrid (xminigrid) with an entropy bonus computed by EM or AdaDEM.
+r"""Reinforcement learning: PPO on MiniGrid (xminigrid), the entropy bonus computed by EM or AdaDEM.
 
 The paper's RL experiment (section 5 of its appendix): RL Baselines3 Zoo's PPO
 on MiniGrid, where the entropy bonus keeps its sign (it is **maximised**) and
@@ -95,7 +95,7 @@ PAPER_ENVS = {
 
 
 def env_id(name: str) -> str:
-    """xminigrid's id of `name`: a paper name (`PAPER_ENVS`) or an xminigrid MiniGrid id (prefix optional).
+    """xminigrid's id of `name`: a paper name (`PAPER_ENVS`) or a MiniGrid id (prefix optional).
 
     Raises:
       ValueError: unknown, or an XLand ruleset (those download their rules at run time).
@@ -114,7 +114,7 @@ def env_id(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-    """One PPO run; defaults are RL-Zoo's MiniGrid hyperparameters (DoorKey-5x5), ent_coef the paper's.
+    """One PPO run; defaults: RL-Zoo's MiniGrid hyperparameters (DoorKey-5x5), the paper's ent_coef.
 
     `total_steps` is rounded up to whole updates of `num_envs * num_steps`
     environment steps. `ent_coef` is not compiled into the program (it is an
@@ -408,7 +408,7 @@ class Trainer:
         return lax.scan(lambda s, _: self._update(s, ent_coef), state, None, length=updates)
 
     def train(self, state: RunState, *, updates: int, ent_coef: float | None = None):
-        """`updates` PPO updates of every seed: `(state, metrics)`, metrics `{name: [seeds, updates]}`.
+        """`updates` updates of all seeds: `(state, metrics)`, metrics `{name: [seeds, updates]}`.
 
         `state` is donated (do not reuse it). `ent_coef` defaults to the config's.
         """
@@ -440,7 +440,7 @@ class Trainer:
         return total
 
     def evaluate(self, state: RunState) -> jax.Array:
-        """Returns of `eval_episodes` evaluation episodes per seed: float `[seeds, eval_episodes]`."""
+        """Returns of `eval_episodes` evaluation episodes per seed: `[seeds, eval_episodes]`."""
         return self._evaluate(state)
 
 

@@ -291,11 +291,6 @@ def mixmatch_loss(logits_u, targets_u, *, axis_name=None):
     return global_mean(per_example, axis_name=axis_name)
 
 
-def soft_cross_entropy(logits, targets):
-    """Per-example `-sum_c targets_c log softmax(logits)_c`, `[N]`."""
-    return -jnp.sum(targets * jax.nn.log_softmax(logits), -1)
-
-
 def fixmatch_loss(logits_w, logits_s, p_cutoff, *, axis_name=None):
     """FixMatch: CE(strong, argmax weak) where max softmax(weak) >= p_cutoff, mean over all.
 
@@ -424,7 +419,8 @@ def make_step(model, cfg: SSLConfig, num_classes: int) -> Callable:
 
         if cfg.method == "supervised":
             logits, stats = forward(xw_lb)
-            m["sup"] = global_mean(soft_cross_entropy(logits, onehot_lb), axis_name=AXIS)
+            m["sup"] = global_mean(optax.softmax_cross_entropy(logits, onehot_lb),
+                                   axis_name=AXIS)
             obj = m["sup"]
         elif cfg.method in ("entmin", "fixmatch", "freematch"):
             xw = views(k_w, x_ulb, me * n_ulb, "weak")
@@ -433,7 +429,8 @@ def make_step(model, cfg: SSLConfig, num_classes: int) -> Callable:
                 parts.append(views(k_s, x_ulb, me * n_ulb, "strong"))
             logits, stats = forward(jnp.concatenate(parts))
             logits_lb, logits_w = logits[:n_lb], logits[n_lb:n_lb + n_ulb]
-            m["sup"] = global_mean(soft_cross_entropy(logits_lb, onehot_lb), axis_name=AXIS)
+            m["sup"] = global_mean(optax.softmax_cross_entropy(logits_lb, onehot_lb),
+                                   axis_name=AXIS)
             obj = m["sup"]
             if cfg.method == "entmin":
                 if cfg.adadem:
@@ -465,7 +462,8 @@ def make_step(model, cfg: SSLConfig, num_classes: int) -> Callable:
                     obj = obj + cfg.adadem_weight * m["adadem"]
         elif cfg.method == "vat":
             logits_lb, stats = forward(xw_lb)
-            m["sup"] = global_mean(soft_cross_entropy(logits_lb, onehot_lb), axis_name=AXIS)
+            m["sup"] = global_mean(optax.softmax_cross_entropy(logits_lb, onehot_lb),
+                                   axis_name=AXIS)
             xw = views(k_w, x_ulb, me * n_ulb, "weak")
             # USB freezes the running statistics for the unlabelled passes.
             logits_w, _ = forward(xw, keep_stats=False)
@@ -505,7 +503,8 @@ def make_step(model, cfg: SSLConfig, num_classes: int) -> Callable:
                                     n_glb + n_gulb + me * n_ulb + local])
             logits, stats = forward(mx[rows])
             my = lax.stop_gradient(my[rows])
-            m["sup"] = global_mean(soft_cross_entropy(logits[:n_lb], my[:n_lb]), axis_name=AXIS)
+            m["sup"] = global_mean(optax.softmax_cross_entropy(logits[:n_lb], my[:n_lb]),
+                                   axis_name=AXIS)
             m["unsup"] = mixmatch_loss(logits[n_lb:], my[n_lb:], axis_name=AXIS)
             obj = m["sup"] + lambda_u * m["unsup"]
             if cfg.adadem:
