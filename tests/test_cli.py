@@ -92,7 +92,7 @@ def test_each_bad_value_is_named_by_the_spec(field, value, message):
 
 EXPERIMENTS = {"tta": ("default.py", specs.TTA), "uda": ("uda_default.py", specs.UDA),
                "noisy_labels": ("noisy_default.py", specs.NOISY),
-               "ssl": ("ssl_default.py", specs.SSL)}
+               "ssl": ("ssl_default.py", specs.SSL), "rl": ("rl_default.py", specs.RL)}
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
