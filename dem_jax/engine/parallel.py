@@ -172,14 +172,14 @@ def replicate(tree: Any, n: int) -> Any:
 def unreplicate(tree: Any) -> Any:
     """The copy on the first device (all copies are equal after a synced step).
 
-    Use it (not `x[0]`) on the outputs of `data_parallel` with several
-    processes: `x[0]` on an array spread over this process's devices is a
-    program of its own with an all-reduce over them, and on CPU such programs
-    hung the two-process test in turn with the steps' gloo collectives.
+    Use it (not `x[0]`) on the outputs of `data_parallel`: `x[0]` on an array
+    spread over several devices is a program of its own with an all-reduce over
+    them. On CPU such programs hung the two-process test in turn with the
+    steps' gloo collectives; with one process and 8 fake devices on a loaded
+    2-core machine the suite aborted twice in a row (test_glyphs, test_tta)
+    with Python inside such an `x[0]`, the steps dispatched before it still
+    running. Reading one device's buffer needs no program and no collective.
     """
-    if jax.process_count() == 1:
-        return jax.tree.map(lambda x: x[0], tree)
-
     def first(x):
         if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
             return x[0]
