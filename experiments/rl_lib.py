@@ -109,11 +109,12 @@ def run_unit(config, workdir: str, i: int, row: str, log=None) -> dict:
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "units", slug(env), slug(row)),
                                  max_to_keep=1)
     per, chunks = _chunks(config, i)
-    meta = {"chunk": -1, "curve": [[0, trainer.evaluate(state).mean(1).tolist()]],
-            "metrics": [], "seconds": 0.0}
     if ckpt.latest_step() is not None:
         host, meta = ckpt.restore(to_host(state))
         state = from_host(host, state)
+    else:  # the untrained policy's return is the curve's first point
+        meta = {"chunk": -1, "curve": [[0, np.asarray(trainer.evaluate(state)).mean(1).tolist()]],
+                "metrics": [], "seconds": 0.0}
     for k in reporting.progress(range(meta["chunk"] + 1, chunks), total=chunks,
                                 initial=meta["chunk"] + 1, desc=f"{env} {row}"):
         t0 = time.time()

@@ -150,11 +150,11 @@ SSL = {
 }
 
 RL = {
+    **COMMON,
     "envs": "nonempty tuple of str",
     "total_steps": "nonempty tuple of int >= 1",
     "num_steps": "nonempty tuple of int >= 1",
     "eval_every": "nonempty tuple of int >= 1",
-    "seeds": SEEDS,
     "bonuses": "nonempty tuple of str",
     "ent_coefs": "nonempty tuple of float >= 0",
     "ppo.num_envs": "int >= 1",
@@ -169,5 +169,4 @@ RL = {
     "ppo.mec_momentum": MEC_MOMENTUM,
     "ppo.hidden": "int >= 1",
     "ppo.eval_episodes": "int >= 1",
-    "logging.every_steps": "int >= 1",
 }

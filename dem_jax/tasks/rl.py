@@ -63,14 +63,12 @@ of each first episode.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
@@ -417,54 +415,48 @@ class Trainer:
 
     def _evaluate_one(self, state: RunState):
         c = self.config
-        keys = jax.random.split(jax.random.fold_in(state.key, 7), c.eval_episodes)
-        timestep = jax.vmap(self.eval_env.reset, in_axes=(None, 0))(self.env_params, keys)
-        step_envs = jax.vmap(self.eval_env.step, in_axes=(None, 0, 0))
 
-        def one(carry, _):
-            timestep, total, running = carry
-            timestep, key = timestep
-            logits, _ = self.model.apply(state.params, timestep.observation)
-            key, k_act = jax.random.split(key)
-            action = (jnp.argmax(logits, -1) if c.eval_greedy
-                      else jax.random.categorical(k_act, logits))
-            nxt = step_envs(self.env_params, timestep, action)
-            total = total + running * nxt.reward
-            running = running * (1.0 - nxt.last().astype(jnp.float32))
-            return ((nxt, key), total, running), None
+        def policy(obs, key):
+            logits, _ = self.model.apply(state.params, obs)
+            return (jnp.argmax(logits, -1) if c.eval_greedy
+                    else jax.random.categorical(key, logits))
 
-        ones = jnp.ones(c.eval_episodes)
-        init = ((timestep, jax.random.fold_in(state.key, 8)), 0.0 * ones, ones)
-        (_, total, _), _ = lax.scan(one, init, None,
-                                    length=int(self.env_params.max_steps))
-        return total
+        return first_episode_returns(
+            self.eval_env, self.env_params, policy,
+            jax.random.split(jax.random.fold_in(state.key, 7), c.eval_episodes),
+            jax.random.split(jax.random.fold_in(state.key, 8), int(self.env_params.max_steps)))
 
     def evaluate(self, state: RunState) -> jax.Array:
         """Returns of `eval_episodes` evaluation episodes per seed: `[seeds, eval_episodes]`."""
         return self._evaluate(state)
 
 
+def first_episode_returns(env, env_params, policy, reset_keys, step_keys):
+    """The return of the first episode of `len(reset_keys)` environments under `policy`.
+
+    Steps `len(step_keys)` times (the episode limit) without auto-reset; rewards after an
+    episode's end are masked out. `policy(obs [E, ...], key) -> actions [E]`.
+    """
+    timestep = jax.vmap(env.reset, in_axes=(None, 0))(env_params, reset_keys)
+    step_envs = jax.vmap(env.step, in_axes=(None, 0, 0))
+
+    def one(carry, key):
+        timestep, total, running = carry
+        nxt = step_envs(env_params, timestep, policy(timestep.observation, key))
+        total = total + running * nxt.reward
+        return (nxt, total, running * (1.0 - nxt.last().astype(jnp.float32))), None
+
+    n = len(reset_keys)
+    (_, total, _), _ = lax.scan(one, (timestep, jnp.zeros(n), jnp.ones(n)), step_keys)
+    return total
+
+
 def random_policy_return(env: str, *, episodes: int = 64, seed: int = 0) -> float:
     """Mean return of the uniformly random policy on `env` (first episode of each of `episodes`)."""
-    name = env_id(env)
-    base, params = xminigrid.make(name)
+    base, params = xminigrid.make(env_id(env))
     n_actions = base.num_actions(params)
-    keys = jax.random.split(jax.random.key(seed), episodes)
-
-    @jax.jit
-    def run(keys):
-        timestep = jax.vmap(base.reset, in_axes=(None, 0))(params, keys)
-
-        def one(carry, k):
-            timestep, total, running = carry
-            action = jax.random.randint(k, (episodes,), 0, n_actions)
-            nxt = jax.vmap(base.step, in_axes=(None, 0, 0))(params, timestep, action)
-            total = total + running * nxt.reward
-            return (nxt, total, running * (1.0 - nxt.last().astype(jnp.float32))), None
-
-        init = (timestep, jnp.zeros(episodes), jnp.ones(episodes))
-        (_, total, _), _ = lax.scan(one, init, jax.random.split(jax.random.key(seed + 1),
-                                                                 int(params.max_steps)))
-        return total.mean()
-
-    return float(run(keys))
+    policy = lambda obs, key: jax.random.randint(key, (obs.shape[0],), 0, n_actions)  # noqa: E731
+    run = jax.jit(lambda: first_episode_returns(
+        base, params, policy, jax.random.split(jax.random.key(seed), episodes),
+        jax.random.split(jax.random.key(seed + 1), int(params.max_steps))).mean())
+    return float(run())
