@@ -228,7 +228,11 @@ def report(config, workdir) -> str:
 
 def run(config, workdir: str, *, devices=None) -> Any:
     validate(config, devices)
-    confirm = reporting.claim_workdir(workdir, config, ignore=("logging",))
+    # Rows are independent units: a run of some bonuses / ent_coefs may share the
+    # directory with a run of others (e.g. rows split over processes), and
+    # `--report` with all of them tables every finished unit.
+    confirm = reporting.claim_workdir(workdir, config,
+                                      ignore=("logging", "bonuses", "ent_coefs"))
     log = metrics.open_log(workdir, config)
     confirm()
     work = [(i, row) for i in range(len(config.envs)) for row in rows(config)]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dem_jax import losses
+from dem_jax.engine import reporting
 from dem_jax.tasks import rl
 
 RNG = np.random.default_rng(0)
@@ -196,3 +197,19 @@ def test_experiment_resumes_to_the_same_result(tmp_path, save_log):
     assert a["steps"] == 1536 and len(a["curve"]) == 4  # step 0 and three chunks
     for name in ("results.json", "results.md", "curves_0.01.png", "metrics.jsonl"):
         assert (tmp_path / "a" / name).exists(), name
+    # Rows are independent units: another row may run into the same directory (rows
+    # split over processes) and a report with both rows tables both; another
+    # environment budget may not.
+    c2 = _tiny_experiment()
+    c2.ent_coefs = (0.001,)
+    rl_lib.run(c2, str(tmp_path / "a"))
+    both = _tiny_experiment()
+    both.ent_coefs = (0.01, 0.001)
+    rl_lib.report(both, str(tmp_path / "a"))
+    assert set(rl_lib.collect(both, str(tmp_path / "a"))["Empty-5x5"]) == {
+        "adadem@0.01", "adadem@0.001"}
+    assert "adadem@0.001" in (tmp_path / "a" / "results.md").read_text()
+    c3 = _tiny_experiment()
+    c3.total_steps = (1024,)
+    with pytest.raises(reporting.WorkdirError, match="total_steps"):
+        rl_lib.run(c3, str(tmp_path / "a"))
