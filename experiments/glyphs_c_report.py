@@ -4,11 +4,12 @@
       [--out docs/glyphs_c.png]
 
 Reads each work directory of `experiments.tta` with `glyphs_c.py` (its `config.json`
-and the cached units `units/<setting>/<row>/seed<k>.json`), so it reports a run that
-is still going or was stopped: a unit that has not finished is shown as "-", and the
-seed count says how many finished. Prints markdown: the mean online accuracy of each
-row at each C (mean over domains, then mean ± std over the finished seeds), and
-AdaDEM - EM and DEM* - EM paired by seed; `--out` plots those differences against C.
+and its cached units), so it reports a run that is still going or was stopped: a unit
+that has not finished is shown as "-", and the seed count says how many finished.
+Prints markdown: the mean online accuracy of each row at each C (mean over domains,
+then mean ± std over the finished seeds), AdaDEM - EM and DEM* - EM paired by seed,
+the rates the sweeps chose and the step-size diagnostics (delta, max probability,
+gradient norms) at each C; `--out` plots the differences against C.
 """
 
 from __future__ import annotations
@@ -21,10 +22,19 @@ import numpy as np
 
 from dem_jax import plots
 from dem_jax.engine import reporting
+from dem_jax.tasks.tta import protocol
 
 
 def read_run(workdir: str) -> dict:
-    """{"C", "config", "units": {setting: {row: {seed: mean accuracy over domains}}}, "lrs"}."""
+    """One glyphs_c work directory, whatever has finished of it.
+
+    Returns {"C", "config",
+             "units": {setting: {row: {seed: mean accuracy over domains}}},
+             "lrs": {setting: {loss: best rate of Tent-dagger's sweep}},
+             "diagnostics": {loss: {"lr", DIAGNOSTICS...}} at each loss's single-domain rate}.
+    The layout read is `experiments.tta_lib`'s: `units/<setting>/<row>/seed<k>.json` and
+    `units/lr_sweep/<setting>/tent_dagger/<loss>.json` (accuracy `[G, D]`, diagnostics `[G]`).
+    """
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)
     num_classes = int(config["data"].split(":")[2])
@@ -37,13 +47,23 @@ def read_run(workdir: str) -> dict:
                 if result is not None:
                     acc = [result["accuracy"][c] for c in config["corruptions"]]
                     units.setdefault(setting, {}).setdefault(row, {})[seed] = float(np.mean(acc))
-    sweep = {}
-    for loss in config["lr_sweep_losses"]:
-        path = os.path.join(workdir, "units", "lr_sweep", f"{loss}.json")
-        accs = reporting.load_checked(path) if os.path.exists(path) else None
-        if accs is not None:
-            sweep[loss] = float(config["lr_grid"][int(np.argmax(accs))])
-    return {"C": num_classes, "config": config, "units": units, "lrs": sweep}
+    lrs, diagnostics = {}, {}
+    grid = [float(x) for x in config["lr_grid"]]
+    for setting in config["settings"]:
+        folder = os.path.join(workdir, "units", "lr_sweep", setting, "tent_dagger")
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        for name in (n for n in names if n.endswith(".json")):
+            sweep = reporting.load_checked(os.path.join(folder, name))
+            if sweep is None:
+                continue
+            loss = name[:-len(".json")]
+            best = int(np.argmax(np.mean(sweep["accuracy"], axis=-1)))
+            lrs.setdefault(setting, {})[loss] = grid[best]
+            if setting == "single":
+                diagnostics[loss] = {"lr": grid[best], **{
+                    k: float(sweep[k][best]) for k in protocol.DIAGNOSTICS if k in sweep}}
+    return {"C": num_classes, "config": config, "units": units, "lrs": lrs,
+            "diagnostics": diagnostics}
 
 
 def _fmt(values) -> str:
@@ -78,9 +98,20 @@ def markdown(runs: list[dict]) -> str:
                              + [_fmt(differences(r, setting, row)) for r in runs])
     out += ["### Gain over EM, points (paired by seed)", "",
             plots.markdown_table(["difference"] + [f"C = {r['C']}" for r in runs], diff_rows), ""]
-    out += ["Learning rates chosen by the sweep: " + "; ".join(
-        f"C = {r['C']}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(r["lrs"].items()))
-        for r in runs), ""]
+    out += ["Learning rates chosen by Tent-dagger's sweeps (seed not reported): " + "; ".join(
+        f"C = {r['C']} {setting}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(lrs.items()))
+        for r in runs for setting, lrs in sorted(r["lrs"].items(), reverse=True)), ""]
+    drows = [[str(r["C"]), loss, f"{d['lr']:g}"] + [
+        f"{d[k]:.4g}" if k in d else "-" for k in protocol.DIAGNOSTICS]
+        for r in runs for loss, d in sorted(r["diagnostics"].items())]
+    if drows:
+        out += ["### Step-size diagnostics (Tent-dagger, single-domain sweep, at each loss's "
+                "chosen rate; means over the stream)", "",
+                "delta: ||p(z+T+1)||_1 (AdaDEM's normaliser); max_prob: mean top probability; "
+                "logit_grad_l1: mean L1 norm of an example's loss gradient w.r.t. its logits; "
+                "param_grad_norm: norm of the parameter gradient; mec_diag: mean MEC diagonal "
+                "(1/C at the start).", "",
+                plots.markdown_table(["C", "loss", "lr", *protocol.DIAGNOSTICS], drows), ""]
     return "\n".join(out)
 
 

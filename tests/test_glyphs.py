@@ -134,6 +134,20 @@ def test_tiny_glyph_tta_run_end_to_end(tmp_path, cache):
             assert 0.0 <= results[setting][row]["mean"] <= 1.0
     assert results["test_examples"] == 80
 
+    # The glyphs_c report reads this run's own files (not a layout written by hand).
+    from experiments import glyphs_c_report
+    run = glyphs_c_report.read_run(str(tmp_path / "run"))
+    assert run["C"] == 10
+    for setting in ("single", "continual"):
+        for row in c.rows:
+            np.testing.assert_allclose(list(run["units"][setting][row].values()),
+                                       results[setting][row]["per_seed_mean"], rtol=1e-6)
+        assert run["lrs"][setting] == {"adadem": 0.1}
+    diag = run["diagnostics"]["adadem"]
+    assert diag["lr"] == 0.1 and diag["delta"] >= 1.0 and 0.0 < diag["max_prob"] <= 1.0
+    assert diag["param_grad_norm"] > 0.0
+    assert "| 10 | adadem | 0.1 |" in glyphs_c_report.markdown([run])
+
 
 def test_report_reads_finished_and_partial_runs(tmp_path):
     from dem_jax.engine import reporting
@@ -150,10 +164,12 @@ def test_report_reads_finished_and_partial_runs(tmp_path):
             for row, acc in (("em", 0.5), ("adadem", 0.5 + 0.01 * (seed + 1))):
                 reporting.save_checked(str(wd / "units" / "single" / row / f"seed{seed}.json"),
                                        {"accuracy": {"fog": acc}})
-        reporting.save_checked(str(wd / "units" / "lr_sweep" / "em.json"), [0.2, 0.3])
+        reporting.save_checked(str(wd / "units" / "lr_sweep" / "single" / "tent_dagger" / "em.json"),
+                               {"accuracy": [[0.2, 0.4], [0.3, 0.5]], "delta": [1.5, 2.5]})
     runs = [glyphs_c_report.read_run(str(tmp_path / d)) for d in ("c100", "c10")]
     np.testing.assert_allclose(glyphs_c_report.differences(runs[1], "single", "adadem"),
                                [0.01, 0.02])
     md = glyphs_c_report.markdown(runs)
     assert "| single: adadem - em | 1.5 ± 0.5 (2) | 1.0 ± 0.0 (1) |" in md
-    assert "| C = 10 | C = 100 |" in md and "em 1" in md
+    assert "| C = 10 | C = 100 |" in md and "C = 10 single: em 1" in md
+    assert runs[1]["diagnostics"] == {"em": {"lr": 1.0, "delta": 2.5}}
