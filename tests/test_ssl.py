@@ -194,3 +194,18 @@ def test_experiment_resumes_to_the_same_result(tmp_path, save_log):
     assert resumed == full
     for name in ("results.json", "results.md", "metrics.jsonl"):
         assert (tmp_path / "a" / name).exists(), name
+
+    # The cross-config table reads this directory's own layout; a second row written beside
+    # it (the unit copied with a known accuracy) gives a known AdaDEM gain.
+    from dem_jax.engine import reporting
+    from experiments import ssl_table
+    unit = reporting.load_checked(str(tmp_path / "a" / "units" / "fixmatch_adadem" / "seed0.json"))
+    reporting.save_checked(str(tmp_path / "a" / "units" / "fixmatch" / "seed0.json"),
+                           dict(unit, accuracy=unit["accuracy"] - 0.02))
+    run = ssl_table.read_run(str(tmp_path / "a"))
+    assert set(run["units"]) == {"fixmatch", "fixmatch+adadem"}
+    assert run["title"] == "digits, 4 labels"
+    md = ssl_table.markdown([run])
+    assert "| gain (seeds ahead) | +2.0 ± 0.0 (1/1) | +0.3 |" in md, md
+    with pytest.raises(FileNotFoundError, match="not a work directory"):
+        ssl_table.read_run(str(tmp_path / "nothing"))
