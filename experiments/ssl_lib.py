@@ -198,14 +198,17 @@ def plot_f1(path, units, config):
     if not rows:
         return
     c = len(next(iter(units[rows[0]].values()))["f1"])
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         f1 = np.mean([u["f1"] for u in units[r].values()], 0)
-        ax.bar(np.arange(c) + i * width, 100 * f1, width, label=r)
+        method, adadem = parse_row(r)  # a method's two rows: one hue, AdaDEM the darker
+        colour = plt.cm.tab20(2 * ssl.METHODS.index(method) + (0 if adadem else 1))
+        ax.bar(np.arange(c) + i * width, 100 * f1, width, label=r, color=colour)
     ax.set_xlabel("class")
     ax.set_ylabel("test F1 (%)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_xticks(np.arange(c) + 0.4 - width / 2, [str(k) for k in range(c)])
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
