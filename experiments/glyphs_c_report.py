@@ -69,8 +69,7 @@ def read_run(workdir: str) -> dict:
 def _fmt(values) -> str:
     if not values:
         return "-"
-    v = 100 * np.asarray(values)
-    return f"{v.mean():.1f} ± {v.std():.1f} ({len(v)})"
+    return f"{reporting.mean_std(values)} ({len(values)})"
 
 
 def differences(run: dict, setting: str, row: str, base: str = "em") -> list[float]:

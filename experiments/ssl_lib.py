@@ -170,10 +170,9 @@ def results_markdown(units: dict, config) -> str:
         if not seeds:
             table.append([row, "not run", "", "0"])
             continue
-        acc = 100 * np.array([u["accuracy"] for u in seeds.values()])
-        f1 = 100 * np.array([u["macro_f1"] for u in seeds.values()])
-        table.append([row, f"{acc.mean():.1f} ± {acc.std():.1f}",
-                      f"{f1.mean():.1f} ± {f1.std():.1f}", f"{len(seeds)} ({', '.join(seeds)})"])
+        table.append([row, *(reporting.mean_std([u[k] for u in seeds.values()])
+                             for k in ("accuracy", "macro_f1")),
+                      f"{len(seeds)} ({', '.join(seeds)})"])
     out += [plots.markdown_table(["row", "top-1", "macro F1", "seeds"], table), ""]
     gains = adadem_gains(units)
     if gains:

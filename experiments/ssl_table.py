@@ -17,9 +17,8 @@ import os
 import re
 import types
 
-import numpy as np
-
 from dem_jax import plots
+from dem_jax.engine import reporting
 from dem_jax.tasks import ssl
 from experiments import ssl_lib
 from experiments.uda_lib import slug
@@ -62,8 +61,8 @@ def read_run(workdir: str) -> dict:
 def _cell(seeds: dict, key: str) -> str:
     if not seeds:
         return "-"
-    v = 100 * np.array([u[key] for u in seeds.values()])
-    return f"{v.mean():.1f} ± {v.std():.1f}" + ("" if v.size == 3 else f" ({v.size} seeds)")
+    return reporting.mean_std([u[key] for u in seeds.values()]) + (
+        "" if len(seeds) == 3 else f" ({len(seeds)} seeds)")
 
 
 def markdown(runs: list[dict]) -> str:

@@ -157,6 +157,17 @@ def read_json(path: str, *, checked: bool = False) -> Any:
     return obj
 
 
+def mean_std(values, *, scale: float = 100.0) -> str:
+    """"63.4 ± 0.6": mean ± std (`STD_KIND`) of `values` times `scale` (fractions to points).
+
+    Example:
+      >>> reporting.mean_std([0.62, 0.64])
+      '63.0 ± 1.0'
+    """
+    v = scale * np.asarray(values, np.float64)
+    return f"{v.mean():.1f} ± {v.std():.1f}"
+
+
 def save_checked(path: str, obj: Any) -> None:
     """Saves what a restarted run will read back with `load_checked` (JSON with a checksum).
 
