@@ -31,6 +31,7 @@ def read_run(workdir: str) -> dict:
     Returns {"C", "config",
              "units": {setting: {row: {seed: mean accuracy over domains}}},
              "lrs": {setting: {loss: best rate of Tent-dagger's sweep}},
+             "sweep_best": {setting: {loss: mean accuracy over domains at that rate}},
              "diagnostics": {loss: {"lr", DIAGNOSTICS...}} at each loss's single-domain rate}.
     The layout read is `experiments.tta_lib`'s: `units/<setting>/<row>/seed<k>.json` and
     `units/lr_sweep/<setting>/tent_dagger/<loss>.json` (accuracy `[G, D]`, diagnostics `[G]`).
@@ -47,7 +48,7 @@ def read_run(workdir: str) -> dict:
                 if result is not None:
                     acc = [result["accuracy"][c] for c in config["corruptions"]]
                     units.setdefault(setting, {}).setdefault(row, {})[seed] = float(np.mean(acc))
-    lrs, diagnostics = {}, {}
+    lrs, sweep_best, diagnostics = {}, {}, {}
     grid = [float(x) for x in config["lr_grid"]]
     for setting in config["settings"]:
         folder = os.path.join(workdir, "units", "lr_sweep", setting, "tent_dagger")
@@ -57,13 +58,15 @@ def read_run(workdir: str) -> dict:
             if sweep is None:
                 continue
             loss = name[:-len(".json")]
-            best = int(np.argmax(np.mean(sweep["accuracy"], axis=-1)))
+            accuracy = np.mean(sweep["accuracy"], axis=-1)
+            best = int(np.argmax(accuracy))
             lrs.setdefault(setting, {})[loss] = grid[best]
+            sweep_best.setdefault(setting, {})[loss] = float(accuracy[best])
             if setting == "single":
                 diagnostics[loss] = {"lr": grid[best], **{
                     k: float(sweep[k][best]) for k in protocol.DIAGNOSTICS if k in sweep}}
     return {"C": num_classes, "config": config, "units": units, "lrs": lrs,
-            "diagnostics": diagnostics}
+            "sweep_best": sweep_best, "diagnostics": diagnostics}
 
 
 def _fmt(values) -> str:
@@ -100,6 +103,19 @@ def markdown(runs: list[dict]) -> str:
     out += ["Learning rates chosen by Tent-dagger's sweeps (seed not reported): " + "; ".join(
         f"C = {r['C']} {setting}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(lrs.items()))
         for r in runs for setting, lrs in sorted(r["lrs"].items(), reverse=True)), ""]
+    columns = [(r, s) for r in runs for s in ("single", "continual") if s in r["sweep_best"]]
+    losses = sorted({loss for r, s in columns for loss in r["sweep_best"][s]})
+    if columns:
+        seeds = sorted({str(r["config"].get("lr_sweep_seed", "?")) for r, _ in columns})
+        out += [f"### Tent-dagger's sweeps: accuracy % at each loss's best rate (seed "
+                f"{', '.join(seeds)}, not a reported seed; mean over domains)", "",
+                "Finished before any table row (the sweeps run first), so a partial run "
+                "already compares the losses here, each at its own best rate.", "",
+                plots.markdown_table(
+                    ["loss"] + [f"C = {r['C']} {s}" for r, s in columns],
+                    [[loss] + [f"{100 * r['sweep_best'][s][loss]:.1f}"
+                               if loss in r["sweep_best"][s] else "-" for r, s in columns]
+                     for loss in losses]), ""]
     drows = [[str(r["C"]), loss, f"{d['lr']:g}"] + [
         f"{d[k]:.4g}" if k in d else "-" for k in protocol.DIAGNOSTICS]
         for r in runs for loss, d in sorted(r["diagnostics"].items())]

@@ -173,3 +173,6 @@ def test_report_reads_finished_and_partial_runs(tmp_path):
     assert "| single: adadem - em | 1.5 ± 0.5 (2) | 1.0 ± 0.0 (1) |" in md
     assert "| C = 10 | C = 100 |" in md and "C = 10 single: em 1" in md
     assert runs[1]["diagnostics"] == {"em": {"lr": 1.0, "delta": 2.5}}
+    # The sweep's best rate (1.0: mean 0.4 over the two domains) and its accuracy.
+    assert runs[1]["sweep_best"] == {"single": {"em": pytest.approx(0.4)}}
+    assert "| em | 40.0 | 40.0 |" in md
