@@ -506,7 +506,11 @@ def write_plots(exp: Experiment, results: dict, units: dict) -> None:
 def run(config, workdir: str) -> dict:
     """Runs (or resumes) the whole experiment; returns the results dict."""
     validate(config)
-    confirm = reporting.claim_workdir(workdir, config)
+    # Every cached unit (a sweep, a DEM* search, a (setting, row, seed)) depends on the
+    # rest of the configuration only: runs of other rows, seeds or settings share the
+    # directory (split a run over processes, or run single-domain first).
+    confirm = reporting.claim_workdir(
+        workdir, config, ignore=("logging", "rows", "seeds", "settings", "lr_sweep_losses"))
     exp = Experiment(config, workdir)
     confirm()  # data found, source model ready: this directory now holds this run
     lrs, sweep = learning_rates(exp)

@@ -64,9 +64,19 @@ def test_experiment_writes_results_and_resumes(tmp_path, save_log):
     again = tta_lib.run(config, workdir)
     assert again == results
     assert save_log.calls == [], f"a finished run saved again: {save_log.calls}"
+    # A run of some of the rows, seeds and settings shares the directory: every unit
+    # comes from the cache, results equal to the full run's.
+    part = tiny_config()
+    part.rows, part.seeds, part.settings = ("noadapt", "adadem"), (1,), ("single",)
+    part.lr_sweep_losses = ()
+    subset = tta_lib.run(part, workdir)
+    assert save_log.calls == [], f"a subset of a finished run saved again: {save_log.calls}"
+    for row in part.rows:
+        assert subset["single"][row]["per_seed_mean"] == [results["single"][row]["per_seed_mean"][1]]
+    assert "continual" not in subset
     # ... and a different configuration in the same workdir is refused.
     other = tiny_config()
-    other.seeds = (3,)
+    other.lr_grid = (0.1,)
     with pytest.raises(ValueError, match="different configuration"):
         tta_lib.run(other, workdir)
 
