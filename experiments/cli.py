@@ -78,11 +78,16 @@ def override_paths(argv: list[str]) -> list[str]:
 
 
 def load_config_file(path: str):
-    """`get_config()` of a config file, as ml_collections loads it (no overrides)."""
-    spec = importlib.util.spec_from_file_location("_dem_jax_config", path)
+    """`get_config()` of a config file, as ml_collections loads it (no overrides).
+
+    `path` may carry the config's argument after a colon, as `--config` does:
+    `"experiments/configs/glyphs_c.py:100"` returns `get_config("100")`.
+    """
+    file, colon, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_dem_jax_config", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg) if colon else module.get_config()
 
 
 def unknown_overrides(config, paths: list[str]) -> list[str]:
@@ -154,7 +159,7 @@ def define_config(default_file: str, argv: list[str] | None = None) -> None:
         sys.exit(f"error: --config={given}: no such file. The config files of this "
                  f"experiment are:\n{listing}")
     config_file = given or default_file
-    if paths and os.path.isfile(config_file):
+    if paths and os.path.isfile(config_file.split(":", 1)[0]):
         messages = unknown_overrides(load_config_file(config_file), paths)
         if messages:
             sys.exit("error: " + "\n       ".join(messages)

@@ -118,6 +118,17 @@ def test_a_missing_config_file_lists_the_experiments_config_files():
     assert "uda_mnist_m.py" in str(e.value) and "noisy" not in str(e.value), e.value
 
 
+def test_a_config_argument_after_a_colon_is_passed_and_its_overrides_checked():
+    # "glyphs_c.py:100" is the file with get_config("100"); overrides of it are checked too.
+    path = os.path.join(ROOT, "experiments", "configs", "glyphs_c.py")
+    assert cli.load_config_file(path + ":100").data.startswith("glyphs:cjk:100")
+    assert cli.load_config_file(path).data.startswith("glyphs:cjk:10:")
+    with pytest.raises(SystemExit, match=r"--config.setings: the config has no field "
+                                         r"'setings'. Did you mean --config.settings\?"):
+        cli.define_config(os.path.join(ROOT, "experiments", "configs", "default.py"),
+                          argv=["tta", f"--config={path}:100", "--config.setings=('single',)"])
+
+
 def test_run_prints_config_and_workdir_errors_as_one_paragraph(tmp_path):
     class Lib:
         validate = staticmethod(lambda config: cli.check_config(config, specs.NOISY))
