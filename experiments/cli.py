@@ -77,17 +77,23 @@ def override_paths(argv: list[str]) -> list[str]:
     return paths
 
 
+def split_config_arg(value: str) -> tuple[str, str | None]:
+    """`--config`'s value -> (file, argument or None): `"glyphs_c.py:100"` -> `("glyphs_c.py", "100")`."""
+    file, colon, arg = value.partition(":")
+    return file, (arg if colon else None)
+
+
 def load_config_file(path: str):
     """`get_config()` of a config file, as ml_collections loads it (no overrides).
 
     `path` may carry the config's argument after a colon, as `--config` does:
     `"experiments/configs/glyphs_c.py:100"` returns `get_config("100")`.
     """
-    file, colon, arg = path.partition(":")
+    file, arg = split_config_arg(path)
     spec = importlib.util.spec_from_file_location("_dem_jax_config", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg) if colon else module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def unknown_overrides(config, paths: list[str]) -> list[str]:
@@ -154,12 +160,11 @@ def define_config(default_file: str, argv: list[str] | None = None) -> None:
     given = _flag_value(argv, "config")
     files = config_files(default_file)
     listing = "\n".join(f"  {_describe(f)}" for f in files)
-    if given is not None and not os.path.isfile(given) and not os.path.isfile(
-            given.split(":", 1)[0]):
+    if given is not None and not os.path.isfile(split_config_arg(given)[0]):
         sys.exit(f"error: --config={given}: no such file. The config files of this "
                  f"experiment are:\n{listing}")
     config_file = given or default_file
-    if paths and os.path.isfile(config_file.split(":", 1)[0]):
+    if paths and os.path.isfile(split_config_arg(config_file)[0]):
         messages = unknown_overrides(load_config_file(config_file), paths)
         if messages:
             sys.exit("error: " + "\n       ".join(messages)
