@@ -27,6 +27,9 @@ training time; C = 10 and 100 shared the CPU with other jobs, load 3-4):
   C = 10:   ResNet-8 width 8, 40 epochs of 1,000 images:   99.8%, 2 min
   C = 100:  ResNet-8 width 8, 15 epochs of 10,000 images:  99.1%, 2 min 10 s
   C = 1000: ResNet-8 width 8, 10 epochs of 100,000 images: 98.5%, 14 min (alone, load 2)
+The whole protocol after that: about 2 h per C in one process on 2 cores (C = 1000:
+55 min with its single-domain and continual halves side by side, `--config.settings`).
+Results, diagnostics and the plot against C: docs/glyphs.md.
 """
 
 from experiments.configs import default
