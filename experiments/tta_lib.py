@@ -253,10 +253,13 @@ def learning_rates(exp: Experiment) -> tuple[dict, dict]:
     sweep: on the evaluation parts, with seed `lr_sweep_seed` (not a reported
     seed), single-domain or continual like the rows. Tent-dagger's single-domain
     sweep also covers `lr_sweep_losses` (the sensitivity plot and diagnostics).
+    With `lr_selection="fixed"` the rows take `learning_rates` and only that
+    diagnostic sweep runs (none with `lr_sweep_losses=()`).
     """
     c = exp.config
-    wanted = {(s, *lr_key(r)) for s in c.settings for r in c.rows if r not in BASELINES}
-    wanted |= {("single", "tent_dagger", loss) for loss in c.lr_sweep_losses}
+    wanted = {("single", "tent_dagger", loss) for loss in c.lr_sweep_losses}
+    if c.lr_selection == "sweep":
+        wanted |= {(s, *lr_key(r)) for s in c.settings for r in c.rows if r not in BASELINES}
     lrs_grid = np.asarray(c.lr_grid, np.float32)
     sweep: dict = {}
     for setting, method, loss in reporting.progress(sorted(wanted), desc="lr sweep"):
@@ -418,16 +421,19 @@ def results_markdown(results: dict, config) -> str:
                 frows.append([row_label(row, config)] + [cell(c) for c in corr])
             out += [plots.markdown_table(["method"] + [SHORT.get(c, c) for c in corr], frows), ""]
     grid = list(config.lr_grid)
-    out += [f"## Learning rates (best of each one's sweep, seed {config.lr_sweep_seed})", "",
-            "Each (setting, method, loss) with a row: its own sweep over "
-            f"{', '.join(f'{x:g}' for x in grid)} on the evaluation parts with a seed that is "
-            "not reported. *low*/*high*: the chosen rate is the grid's end, so the peak may lie "
-            "beyond it.", ""]
+    if config.lr_selection == "fixed":
+        out += ["## Learning rates (fixed: config.learning_rates, not swept)", ""]
+    else:
+        out += [f"## Learning rates (best of each one's sweep, seed {config.lr_sweep_seed})", "",
+                "Each (setting, method, loss) with a row: its own sweep over "
+                f"{', '.join(f'{x:g}' for x in grid)} on the evaluation parts with a seed that "
+                "is not reported. *low*/*high*: the chosen rate is the grid's end, so the peak "
+                "may lie beyond it.", ""]
     lr_rows = []
     for setting, per_method in results["learning_rates"].items():
         for method, per_loss in per_method.items():
             for loss, lr in per_loss.items():
-                end = at_grid_end(lr, grid)
+                end = at_grid_end(lr, grid) if config.lr_selection == "sweep" else ""
                 lr_rows.append([setting, NAMES[method], loss, f"{lr:g}" + (f" *{end}*" if end
                                                                            else "")])
     out += [plots.markdown_table(["setting", "method", "loss", "lr"], lr_rows), ""]

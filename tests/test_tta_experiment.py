@@ -81,6 +81,22 @@ def test_experiment_writes_results_and_resumes(tmp_path, save_log):
         tta_lib.run(other, workdir)
 
 
+def test_fixed_learning_rates_sweep_nothing_for_the_rows(tmp_path):
+    config = tiny_config()
+    config.rows, config.seeds, config.settings = ("noadapt", "em"), (0,), ("single",)
+    config.lr_selection, config.learning_rates = "fixed", {"em": 0.3}
+    config.lr_sweep_losses = ()
+    workdir = str(tmp_path / "fixed")
+    results = tta_lib.run(config, workdir)
+    assert results["learning_rates"] == {"single": {"tent_dagger": {"em": 0.3}}}
+    assert results["lr_sweep"] is None and results["diagnostics"] == {}
+    assert not os.path.exists(os.path.join(workdir, "lr_sweep")), "a sweep ran for a fixed rate"
+    assert "fixed: config.learning_rates" in open(os.path.join(workdir, "results.md")).read()
+    config.rows = ("em", "adadem")
+    with pytest.raises(ValueError, match="no rate for 'adadem'"):
+        tta_lib.run(config, str(tmp_path / "missing"))
+
+
 @pytest.mark.parametrize("change,error,match", [
     (dict(rows=("noadapt", "tent3+em")), ValueError, "Unknown method"),
     (dict(rows=("em", "entropy2")), ValueError, "Unknown row"),
