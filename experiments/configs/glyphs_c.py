@@ -20,7 +20,7 @@ source model, so they can share it: copy `<workdir>/source` across).
 
 Needs the CJK fonts: `apt-get install fonts-noto-cjk fonts-wqy-zenhei
 fonts-wqy-microhei fonts-arphic-ukai fonts-arphic-uming`. The first run renders
-the data (100,000 images at C = 1000 in about a minute on 2 cores, cached).
+the data (100,000 images at C = 1000 in 23 s on 2 idle cores, cached).
 
 Source models, measured on the 2-core CPU (clean accuracy on the 8,000 test glyphs;
 training time; C = 10 and 100 shared the CPU with other jobs, load 3-4):
