@@ -94,6 +94,13 @@ def validate(config) -> None:
         raise ValueError("config.seeds is empty: give at least one seed.")
     if config.lr_selection not in ("sweep", "fixed"):
         raise ValueError(f"lr_selection must be 'sweep' or 'fixed', got {config.lr_selection!r}.")
+    if config.lr_selection == "fixed":
+        missing = sorted({lr_key(r)[1] for r in config.rows if r not in BASELINES}
+                         - set(config.learning_rates))
+        if missing:
+            raise ValueError(f"lr_selection='fixed' but config.learning_rates has no rate for "
+                             f"{', '.join(map(repr, missing))}: add it, e.g. "
+                             f"--config.learning_rates=\"{{'{missing[0]}': 0.01, ...}}\".")
     if config.lr_selection == "sweep" and config.lr_sweep_seed in config.seeds:
         raise ValueError(
             f"config.lr_sweep_seed={config.lr_sweep_seed} is one of the reported seeds "
@@ -275,10 +282,7 @@ def learning_rates(exp: Experiment) -> tuple[dict, dict]:
     chosen: dict = {}
     for setting, method, loss in sorted(needed):
         if c.lr_selection == "fixed":
-            if loss not in c.learning_rates:
-                raise ValueError(f"lr_selection='fixed' but config.learning_rates has no "
-                                 f"rate for {loss!r}.")
-            lr = float(c.learning_rates[loss])
+            lr = float(c.learning_rates[loss])  # every rate is there: validate()
         else:
             acc = np.mean(sweep[setting][method][loss]["accuracy"], axis=-1)
             lr = float(c.lr_grid[int(np.argmax(acc))])

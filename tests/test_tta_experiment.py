@@ -93,8 +93,9 @@ def test_fixed_learning_rates_sweep_nothing_for_the_rows(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "lr_sweep")), "a sweep ran for a fixed rate"
     assert "fixed: config.learning_rates" in open(os.path.join(workdir, "results.md")).read()
     config.rows = ("em", "adadem")
-    with pytest.raises(ValueError, match="no rate for 'adadem'"):
+    with pytest.raises(ValueError, match="no rate for 'adadem'"):  # before any work starts
         tta_lib.run(config, str(tmp_path / "missing"))
+    assert not os.path.exists(tmp_path / "missing"), "the work directory was made before the error"
 
 
 @pytest.mark.parametrize("change,error,match", [
