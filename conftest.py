@@ -9,12 +9,6 @@ eight, the same tiny model in several tests). A persistent compilation cache in 
 temporary directory, private to this pytest session and removed at its end, lets
 the second compile of an identical program be a load. It starts empty, so no
 result depends on an earlier session.
-
-Only programs that took at least 0.3 s to compile are written: those are where
-the time goes, and each write serialises an executable, which once crashed the
-whole suite (a segmentation fault inside XLA:CPU's `executable.serialize()`,
-jax 0.10.2, in a vmapped DEM* grid test that passes on rerun); fewer writes, fewer
-chances of that.
 """
 import atexit
 import os
@@ -29,5 +23,5 @@ import jax  # noqa: E402  (after the environment above)
 _COMPILE_CACHE = tempfile.mkdtemp(prefix="dem_jax_test_xla_cache_")
 atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
