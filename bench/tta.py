@@ -11,9 +11,9 @@ A stream of `--batches` batches of 32x32x3 random images runs through
 `protocol.Runner` (one compiled step per batch, as in the experiments); `--repeats`
 timed rounds after a warm-up, each round timing every loss once in a random order.
 ms / step is the median over rounds; step / EM step is the median over rounds of
-the ratio within a round (paired, so a load change hits both sides). Target: AdaDEM's step at most 1.05x
-EM's (the MEC update is a segment sum, O(B C), next to a forward and backward
-pass of the network).
+the ratio within a round (paired, so a load change hits both sides). Target:
+AdaDEM's step at most 1.05x EM's (the MEC update is a segment sum, O(B C), next
+to a forward and backward pass of the network).
 """
 
 from __future__ import annotations

@@ -264,9 +264,10 @@ def learning_rates(exp: Experiment) -> tuple[dict, dict]:
     diagnostic sweep runs (none with `lr_sweep_losses=()`).
     """
     c = exp.config
+    needed = {(s, *lr_key(r)) for s in c.settings for r in c.rows if r not in BASELINES}
     wanted = {("single", "tent_dagger", loss) for loss in c.lr_sweep_losses}
     if c.lr_selection == "sweep":
-        wanted |= {(s, *lr_key(r)) for s in c.settings for r in c.rows if r not in BASELINES}
+        wanted |= needed
     lrs_grid = np.asarray(c.lr_grid, np.float32)
     sweep: dict = {}
     for setting, method, loss in reporting.progress(sorted(wanted), desc="lr sweep"):
@@ -278,7 +279,6 @@ def learning_rates(exp: Experiment) -> tuple[dict, dict]:
                 seed=c.lr_sweep_seed, batch_size=c.batch_size, chunk=c.grid_chunk,
                 desc=f"lr sweep {setting} {method} {loss}").items()})
         sweep.setdefault(setting, {}).setdefault(method, {})[loss] = out
-    needed = {(s, *lr_key(r)) for s in c.settings for r in c.rows if r not in BASELINES}
     chosen: dict = {}
     for setting, method, loss in sorted(needed):
         if c.lr_selection == "fixed":
